@@ -1,0 +1,206 @@
+"""The TOML configuration: defaults, validation, and where each value came from.
+
+Every key is optional; an unknown key, a wrong type or an out-of-range number is a
+ConfigError that names the file, the key and what was expected, because a typo in a
+flash daemon's config must never silently fall back to a default (it could point the
+daemon at the wrong Klipper tree). Loading never touches the network or a board.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python < 3.11 only
+    import tomli as tomllib
+
+DEFAULT_CONFIG_PATH = "/etc/kflashd/kflashd.toml"
+DEFAULT_MAX_IMAGE_SIZE = 8 * 1024 * 1024  # larger than any MCU flash Klipper supports
+
+
+@dataclass
+class BoardConfig:
+    name: str
+    serial: str
+    mcu: Optional[str] = None
+
+
+@dataclass
+class Config:
+    """Effective configuration. `sources` maps "section.key" to where the value came from."""
+
+    path: Optional[str] = None
+    state_dir: str = "/var/lib/kflashd"
+    runtime_dir: str = "/run/kflashd"
+    group: str = "kflash"
+    max_image_size: int = DEFAULT_MAX_IMAGE_SIZE
+    klipper_services: List[str] = field(default_factory=lambda: ["klipper"])
+    klipper_dir: str = "/home/pi/klipper"
+    klipper_api_socket: str = "/home/pi/printer_data/comms/klippy.sock"
+    katapult_dir: str = "/home/pi/katapult"
+    katapult_baud: int = 0
+    timeout_flash: float = 60
+    timeout_service: float = 30
+    timeout_bootloader: float = 15
+    timeout_reboot: float = 15
+    boards: Dict[str, BoardConfig] = field(default_factory=dict)
+    sources: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def control_socket(self) -> str:
+        return os.path.join(self.runtime_dir, "control.sock")
+
+    def board_by_name(self, name: str) -> Optional[BoardConfig]:
+        return self.boards.get(name)
+
+    def board_by_serial(self, serial: str) -> Optional[BoardConfig]:
+        for board in self.boards.values():
+            if board.serial == serial:
+                return board
+        return None
+
+    def check_paths(self) -> List[str]:
+        """Validate what the daemon needs on disk; return warnings for what it can live without.
+
+        The Katapult tree is required (it is the primary flash method); a missing Klipper tree
+        only disables the `make flash` fallback, which the caller logs.
+        """
+        warnings: List[str] = []
+        flashtool = Path(self.katapult_dir) / "scripts" / "flashtool.py"
+        if not flashtool.is_file():
+            raise ConfigError(
+                f"{self._where('katapult.dir')}: katapult.dir = {self.katapult_dir!r} has no "
+                f"scripts/flashtool.py; clone Katapult there or set katapult.dir"
+            )
+        if not Path(self.klipper_dir).is_dir():
+            warnings.append(
+                f"klipper.dir = {self.klipper_dir!r} does not exist: the `make flash` fallback "
+                f"is disabled"
+            )
+        return warnings
+
+    def _where(self, key: str) -> str:
+        return self.sources.get(key, "default")
+
+
+# (section, key) -> (attribute, expected type(s), description for messages)
+_SCALARS: Dict[Tuple[str, str], Tuple[str, Tuple[type, ...], str]] = {
+    ("", "state_dir"): ("state_dir", (str,), "a path"),
+    ("", "runtime_dir"): ("runtime_dir", (str,), "a path"),
+    ("", "group"): ("group", (str,), "a group name"),
+    ("", "max_image_size"): ("max_image_size", (int,), "a size in bytes"),
+    ("klipper", "services"): ("klipper_services", (list,), "a list of unit names"),
+    ("klipper", "dir"): ("klipper_dir", (str,), "a path"),
+    ("klipper", "api_socket"): ("klipper_api_socket", (str,), "a path"),
+    ("katapult", "dir"): ("katapult_dir", (str,), "a path"),
+    ("katapult", "baud"): ("katapult_baud", (int,), "a baud rate (0 for USB)"),
+    ("timeouts", "flash"): ("timeout_flash", (int, float), "seconds"),
+    ("timeouts", "service"): ("timeout_service", (int, float), "seconds"),
+    ("timeouts", "bootloader"): ("timeout_bootloader", (int, float), "seconds"),
+    ("timeouts", "reboot"): ("timeout_reboot", (int, float), "seconds (0: don't wait)"),
+}
+_SECTIONS = {"klipper", "katapult", "timeouts", "boards"}
+# Lower bounds; timeouts.reboot may be 0 (do not wait for the board to come back).
+_MINIMUM = {
+    "timeouts.flash": 1,
+    "timeouts.service": 1,
+    "timeouts.bootloader": 1,
+    "timeouts.reboot": 0,
+    "max_image_size": 1,
+    "katapult.baud": 0,
+}
+
+
+def _dotted(section: str, key: str) -> str:
+    return f"{section}.{key}" if section else key
+
+
+def load_config(path: Optional[str] = None) -> Config:
+    """Read and validate the config at `path` (or the default path).
+
+    A missing file is an error only when the user named it; the default path missing means
+    "all defaults", so a fresh install works before anyone writes a config.
+    """
+    explicit = path is not None
+    path = path or os.environ.get("KFLASHD_CONFIG") or DEFAULT_CONFIG_PATH
+    config = Config()
+    for (section, key), (attr, _, _) in _SCALARS.items():
+        config.sources[_dotted(section, key)] = "default"
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"{path}: no such config file") from None
+        return config
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: TOML syntax error: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    config.path = path
+    _apply(config, data, path)
+    return config
+
+
+def _apply(config: Config, data: Mapping[str, Any], path: str) -> None:
+    for key, value in data.items():
+        if isinstance(value, dict):
+            if key not in _SECTIONS:
+                raise ConfigError(f"{path}: unknown section [{key}]")
+            if key == "boards":
+                _apply_boards(config, value, path)
+                continue
+            for subkey, subvalue in value.items():
+                _set_scalar(config, key, subkey, subvalue, path)
+        else:
+            if key in _SECTIONS:
+                raise ConfigError(f"{path}: {key} must be a table ([{key}])")
+            _set_scalar(config, "", key, value, path)
+
+
+def _set_scalar(config: Config, section: str, key: str, value: Any, path: str) -> None:
+    name = _dotted(section, key)
+    spec = _SCALARS.get((section, key))
+    if spec is None:
+        known = sorted(_dotted(s, k) for (s, k) in _SCALARS if s == section)
+        raise ConfigError(
+            f"{path}: unknown key {name!r}" + (f" (known: {', '.join(known)})" if known else "")
+        )
+    attr, types, description = spec
+    # bool is an int in Python; `flash = true` is a mistake, not one second.
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise ConfigError(f"{path}: {name} must be {description}, not {value!r}")
+    if attr == "klipper_services":
+        if not value or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{path}: {name} must be a non-empty list of unit names")
+    minimum = _MINIMUM.get(name)
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{path}: {name} must be at least {minimum}, not {value!r}")
+    setattr(config, attr, list(value) if isinstance(value, list) else value)
+    config.sources[name] = path
+
+
+def _apply_boards(config: Config, boards: Mapping[str, Any], path: str) -> None:
+    for name, table in boards.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: boards.{name} must be a table ([boards.{name}])")
+        unknown = set(table) - {"serial", "mcu"}
+        if unknown:
+            raise ConfigError(
+                f"{path}: unknown key 'boards.{name}.{sorted(unknown)[0]}' (known: serial, mcu)"
+            )
+        serial = table.get("serial")
+        if not isinstance(serial, str) or not serial:
+            raise ConfigError(f"{path}: boards.{name}.serial must be the board's USB serial")
+        mcu = table.get("mcu")
+        if mcu is not None and not isinstance(mcu, str):
+            raise ConfigError(f"{path}: boards.{name}.mcu must be an MCU type like 'stm32f446xx'")
+        config.boards[name] = BoardConfig(name=name, serial=serial, mcu=mcu)
+        config.sources[f"boards.{name}"] = path

@@ -1,0 +1,43 @@
+"""The one exception hierarchy of kflashd.
+
+Every error that kflashd raises on purpose derives from KflashError, so the daemon loop
+and kflashctl can catch "our" failures with one clause and let real bugs surface as
+tracebacks. Messages are written for the person at the printer: they say what went wrong
+and, where there is one, the fix.
+"""
+
+
+class KflashError(Exception):
+    """Base of every deliberate kflashd error."""
+
+
+class ConfigError(KflashError):
+    """The configuration file is unreadable, malformed or names something that is not there."""
+
+
+class DiscoveryError(KflashError):
+    """A board is not where it should be (unplugged, never enumerated, ambiguous)."""
+
+
+class ServiceError(KflashError):
+    """Stopping or starting the Klipper service failed, or we lack the rights to."""
+
+
+class FlashError(KflashError):
+    """A flash could not be attempted at all (missing tool, bad image, MCU mismatch)."""
+
+
+class QueueError(KflashError):
+    """A job could not be staged, found, or changed (bad request, full disk, unknown id)."""
+
+
+class GuardError(KflashError):
+    """The print guard says the printer is busy: nothing may be touched now."""
+
+
+class ProtocolError(KflashError):
+    """A control-socket request or reply that does not follow the protocol."""
+
+
+class Interrupted(KflashError):
+    """A running cycle was asked to stop (SIGTERM/SIGINT to the daemon, or a cancel)."""

@@ -1,0 +1,136 @@
+"""Plain data records shared by the daemon, the cycle and kflashctl.
+
+These are values, not services: no I/O, no pyudev objects. The loop thread turns udev
+devices into `Board` records so the flash worker and the control socket only ever see
+plain data that is safe to hand between threads and to serialise as JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+#: USB ids (vendor, product) of the two modes a board can be in.
+KATAPULT_USB_ID = ("1d50", "6177")
+KLIPPER_USB_ID = ("1d50", "614e")
+
+MODE_KATAPULT = "katapult"
+MODE_KLIPPER = "klipper"
+
+METHOD_KATAPULT = "katapult"
+METHOD_MAKE_FLASH = "make_flash"
+
+
+@dataclass
+class FlashResult:
+    """Outcome of one flash attempt; returned on every path, never raised."""
+
+    success: bool
+    method: str  # METHOD_KATAPULT or METHOD_MAKE_FLASH
+    elapsed_seconds: float = 0.0
+    error_message: Optional[str] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "FlashResult":
+        return cls(
+            success=bool(data["success"]),
+            method=str(data["method"]),
+            elapsed_seconds=float(data.get("elapsed_seconds", 0.0)),
+            error_message=data.get("error_message"),
+        )
+
+
+@dataclass(frozen=True)
+class Board:
+    """A Klipper or Katapult USB serial board as udev describes it right now.
+
+    `serial` (the chip id) is the identity: it is the same in both modes, while the device
+    node and the by-id link change when the board switches between Klipper and Katapult.
+    `port_path` (the USB port, e.g. "1-1.2") breaks ties between boards that share a serial
+    (boards built without CHIPID all report "12345").
+    """
+
+    serial: str
+    mode: str  # MODE_KATAPULT or MODE_KLIPPER
+    mcu: str  # USB product string, e.g. "stm32f446xx"
+    device_node: str  # e.g. "/dev/ttyACM0"
+    sys_path: str
+    by_id: Optional[str] = None  # /dev/serial/by-id/usb-katapult_stm32f446xx_<sn>-if00
+    by_path: Optional[str] = None
+    port_path: Optional[str] = None
+
+    @property
+    def key(self) -> str:
+        """Identity across mode switches (serial, plus the port where serials collide)."""
+        return self.serial
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "Board":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# Job states. queued -> running -> done | failed | cancelled | interrupted;
+# an interrupted job whose board waits in Katapult goes back to queued.
+JOB_QUEUED = "queued"
+JOB_RUNNING = "running"
+JOB_DONE = "done"
+JOB_FAILED = "failed"
+JOB_CANCELLED = "cancelled"
+JOB_INTERRUPTED = "interrupted"
+JOB_PENDING_STATES = (JOB_QUEUED, JOB_RUNNING)
+JOB_FINAL_STATES = (JOB_DONE, JOB_FAILED, JOB_CANCELLED, JOB_INTERRUPTED)
+
+
+@dataclass
+class Job:
+    """A staged firmware image waiting for (or done with) one board.
+
+    `selector` is what the user typed (a board name, a serial, a by-id path); `serial` is
+    what it resolved to, because matching a board that appears in udev is by serial only.
+    The image itself lives beside the job's metadata in the state dir; `image_sha256` is
+    checked again before every flash so a damaged file is never written to a board.
+    """
+
+    id: str
+    selector: str
+    serial: str
+    board_name: Optional[str]
+    image_sha256: str
+    image_size: int
+    created: float
+    image_mcu: Optional[str] = None  # klipper.dict config.MCU, when the client found it
+    image_version: Optional[str] = None  # klipper.dict version
+    force: bool = False
+    now: bool = False
+    state: str = JOB_QUEUED
+    attempts: int = 0
+    message: str = ""
+    updated: float = 0.0
+    results: List[FlashResult] = field(default_factory=list)
+    mcu_version_after: Optional[str] = None  # what Klipper reported after the flash
+    version_confirmed: Optional[bool] = None
+
+    @property
+    def label(self) -> str:
+        """How log lines and STATUS name the board: its config name, else its serial."""
+        return self.board_name or self.serial
+
+    def to_dict(self) -> Dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["results"] = [r.to_dict() for r in self.results]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "Job":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in names}
+        kwargs["results"] = [FlashResult.from_dict(r) for r in data.get("results", [])]
+        return cls(**kwargs)
