@@ -50,6 +50,7 @@ class Config:
     timeout_service: float = 30
     timeout_bootloader: float = 15
     timeout_reboot: float = 15
+    guard_retry: float = 10
     boards: Dict[str, BoardConfig] = field(default_factory=dict)
     sources: Dict[str, str] = field(default_factory=dict)
 
@@ -105,6 +106,7 @@ _SCALARS: Dict[Tuple[str, str], Tuple[str, Tuple[type, ...], str]] = {
     ("timeouts", "service"): ("timeout_service", (int, float), "seconds"),
     ("timeouts", "bootloader"): ("timeout_bootloader", (int, float), "seconds"),
     ("timeouts", "reboot"): ("timeout_reboot", (int, float), "seconds (0: don't wait)"),
+    ("timeouts", "guard_retry"): ("guard_retry", (int, float), "seconds between print-guard checks"),
 }
 _SECTIONS = {"klipper", "katapult", "timeouts", "boards"}
 # Lower bounds; timeouts.reboot may be 0 (do not wait for the board to come back).
@@ -113,6 +115,7 @@ _MINIMUM = {
     "timeouts.service": 1,
     "timeouts.bootloader": 1,
     "timeouts.reboot": 0,
+    "timeouts.guard_retry": 0.1,
     "max_image_size": 1,
     "katapult.baud": 0,
 }
@@ -139,6 +142,7 @@ def load_config(path: Optional[str] = None) -> Config:
     except FileNotFoundError:
         if explicit:
             raise ConfigError(f"{path}: no such config file") from None
+        apply_discovered_defaults(config)
         return config
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: TOML syntax error: {e}") from None
@@ -146,6 +150,7 @@ def load_config(path: Optional[str] = None) -> Config:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     config.path = path
     _apply(config, data, path)
+    apply_discovered_defaults(config)
     return config
 
 
@@ -204,3 +209,73 @@ def _apply_boards(config: Config, boards: Mapping[str, Any], path: str) -> None:
             raise ConfigError(f"{path}: boards.{name}.mcu must be an MCU type like 'stm32f446xx'")
         config.boards[name] = BoardConfig(name=name, serial=serial, mcu=mcu)
         config.sources[f"boards.{name}"] = path
+
+
+UNIT_DIRS = ("/etc/systemd/system", "/run/systemd/system", "/lib/systemd/system", "/usr/lib/systemd/system")
+
+
+def discover_klipper_home(unit: str = "klipper", unit_dirs=UNIT_DIRS) -> Optional[Tuple[str, str, str]]:
+    """(user, home, unit file) of the Klipper service, read from its unit's `User=`.
+
+    Only a read of the unit file: no systemctl, no guessing from running processes. A unit
+    without `User=` runs as root, whose home is never a KIAUH layout, so that is no answer.
+    """
+    import pwd
+
+    name = unit if unit.endswith(".service") else unit + ".service"
+    for directory in unit_dirs:
+        path = os.path.join(directory, name)
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        user = None
+        for line in lines:
+            key, _, value = line.strip().partition("=")
+            if key.strip() == "User" and value.strip():
+                user = value.strip()
+        if user is None or user == "root":
+            return None
+        try:
+            return user, pwd.getpwnam(user).pw_dir, path
+        except KeyError:
+            return None
+    return None
+
+
+def apply_discovered_defaults(config: Config, unit_dirs=UNIT_DIRS) -> None:
+    """Point keys the config file left unset at the Klipper user's KIAUH layout, if it exists.
+
+    Only paths that exist are taken, so a half-installed host keeps the plain defaults and
+    their errors stay obvious.
+    """
+    found = discover_klipper_home(config.klipper_services[0], unit_dirs)
+    if found is None:
+        return
+    user, home, unit_path = found
+    for key, attr, relative in (
+        ("klipper.dir", "klipper_dir", "klipper"),
+        ("katapult.dir", "katapult_dir", "katapult"),
+        ("klipper.api_socket", "klipper_api_socket", "printer_data/comms/klippy.sock"),
+    ):
+        if config.sources.get(key) != "default":
+            continue
+        candidate = os.path.join(home, relative)
+        if os.path.exists(candidate):
+            setattr(config, attr, candidate)
+            config.sources[key] = f"discovered: {unit_path} runs as {user}"
+
+
+def describe(config: Config) -> List[Tuple[str, Any, str]]:
+    """Every key with its effective value and where it came from, for `kflashctl config`."""
+    rows: List[Tuple[str, Any, str]] = []
+    for (section, key), (attr, _, _) in _SCALARS.items():
+        name = _dotted(section, key)
+        rows.append((name, getattr(config, attr), config.sources.get(name, "default")))
+    for board in config.boards.values():
+        value = {"serial": board.serial}
+        if board.mcu:
+            value["mcu"] = board.mcu
+        rows.append((f"boards.{board.name}", value, config.sources.get(f"boards.{board.name}", "")))
+    return rows

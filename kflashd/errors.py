@@ -41,3 +41,11 @@ class ProtocolError(KflashError):
 
 class Interrupted(KflashError):
     """A running cycle was asked to stop (SIGTERM/SIGINT to the daemon, or a cancel)."""
+
+
+class DaemonUnreachable(KflashError):
+    """kflashctl could not reach the daemon's control socket (not running, wrong runtime_dir)."""
+
+
+class AccessDenied(KflashError):
+    """The daemon (or the socket's permissions) refused this user."""

@@ -1,0 +1,395 @@
+"""The control socket: line-delimited JSON between kflashctl and the daemon.
+
+Server side runs in the daemon's loop thread and never blocks: sockets are non-blocking,
+each connection has bounded in/out buffers, and a request that is malformed, oversized or
+from a user who may not queue gets an error reply and the connection is closed; the daemon
+itself never stops because of what a client sent. Authorisation is by peer credentials
+(SO_PEERCRED), checked once at accept: root, the daemon's own user, or a member of the
+configured group.
+
+The protocol: each request is one JSON object on one line with a "cmd" key; each reply is
+one JSON object on one line with "ok" (true/false) and, on error, "error" (a sentence for
+the user) and "code" (machine-readable). A "watch" request keeps the connection open and
+streams one event object per line until the job ends.
+"""
+
+from __future__ import annotations
+
+import errno
+import grp
+import json
+import os
+import pwd
+import socket
+import struct
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+from .errors import AccessDenied, DaemonUnreachable, ProtocolError
+from .reactor import Reactor
+
+MAX_CONNECTIONS = 64
+MAX_OUTPUT_BUFFER = 4 * 1024 * 1024  # a client that does not read its replies is dropped
+_SMALL_REQUEST = 64 * 1024  # every request but "queue" fits in this
+
+Request = Dict[str, Any]
+Reply = Dict[str, Any]
+
+
+def error_reply(code: str, message: str) -> Reply:
+    return {"ok": False, "code": code, "error": message}
+
+
+def encode(message: Dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+class PeerCredentials:
+    __slots__ = ("pid", "uid", "gid")
+
+    def __init__(self, pid: int, uid: int, gid: int) -> None:
+        self.pid, self.uid, self.gid = pid, uid, gid
+
+    @classmethod
+    def of(cls, sock: socket.socket) -> "PeerCredentials":
+        data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return cls(*struct.unpack("3i", data))
+
+    def user_name(self) -> str:
+        try:
+            return pwd.getpwuid(self.uid).pw_name
+        except KeyError:
+            return f"uid {self.uid}"
+
+
+def peer_allowed(peer: PeerCredentials, group: str) -> bool:
+    """Root, the daemon's own user, or a member of `group` (primary or supplementary)."""
+    if peer.uid in (0, os.geteuid()):
+        return True
+    try:
+        entry = grp.getgrnam(group)
+    except KeyError:
+        return False
+    if peer.gid == entry.gr_gid:
+        return True
+    try:
+        user = pwd.getpwuid(peer.uid)
+    except KeyError:
+        return False
+    return user.pw_gid == entry.gr_gid or user.pw_name in entry.gr_mem
+
+
+class Connection:
+    """One client connection: buffers, peer credentials, and whether it streams events."""
+
+    def __init__(self, server: "ControlServer", sock: socket.socket, peer: PeerCredentials) -> None:
+        self.server = server
+        self.sock = sock
+        self.peer = peer
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+        self.closing = False  # close once outbuf is flushed
+        self.closed = False
+        self.watching: Optional[str] = None  # job id whose events this connection streams
+
+    def send(self, message: Dict[str, Any]) -> None:
+        if self.closed:
+            return
+        self.outbuf += encode(message)
+        if len(self.outbuf) > MAX_OUTPUT_BUFFER:
+            self.server.close(self)
+            return
+        self.server.want_write(self)
+
+    def finish(self) -> None:
+        """Close after what is queued for the client has been sent."""
+        self.closing = True
+        self.server.want_write(self)
+
+
+class ControlServer:
+    """Accepts connections on the control socket and dispatches requests to `handler`.
+
+    `handler(conn, request)` returns a reply dict, or None when it keeps the connection open
+    (watch). `max_request` bounds one request line (the image travels base64-encoded).
+    """
+
+    def __init__(
+        self,
+        reactor: Reactor,
+        path: str,
+        group: str,
+        max_request: int,
+        handler: Callable[[Connection, Request], Optional[Reply]],
+        log: Callable[[str], None],
+    ) -> None:
+        self.reactor = reactor
+        self.path = path
+        self.group = group
+        self.max_request = max_request
+        self.handler = handler
+        self.log = log
+        self.connections: Dict[int, Connection] = {}
+        self.sock: Optional[socket.socket] = None
+
+    def start(self) -> None:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old_umask = os.umask(0o117)  # the socket is born 0660: no window with wider access
+        try:
+            sock.bind(self.path)
+        finally:
+            os.umask(old_umask)
+        try:
+            gid = grp.getgrnam(self.group).gr_gid
+        except KeyError:
+            gid = None
+            self.log(
+                f"group {self.group!r} does not exist: only root and this daemon's user may use "
+                f"kflashctl (create it with: groupadd --system {self.group})"
+            )
+        if gid is not None:
+            try:
+                os.chown(self.path, -1, gid)
+            except PermissionError:
+                self.log(f"cannot give the control socket to group {self.group!r}: not permitted")
+        os.chmod(self.path, 0o660)
+        sock.listen(16)
+        sock.setblocking(False)
+        self.sock = sock
+        self.reactor.register_fd(sock.fileno(), self._accept)
+
+    def stop(self) -> None:
+        for conn in list(self.connections.values()):
+            self.close(conn)
+        if self.sock is not None:
+            self.reactor.unregister_fd(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    def reconfigure(self, group: str, max_request: int) -> None:
+        self.max_request = max_request
+        if group != self.group:
+            self.group = group
+            try:
+                os.chown(self.path, -1, grp.getgrnam(group).gr_gid)
+            except (KeyError, PermissionError) as e:
+                self.log(f"cannot give the control socket to group {group!r}: {e}")
+
+    def watchers(self, job_id: str) -> List[Connection]:
+        return [c for c in self.connections.values() if c.watching == job_id and not c.closed]
+
+    # -- socket events -----------------------------------------------------------------
+
+    def _accept(self) -> None:
+        assert self.sock is not None
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                # EMFILE and friends: log and keep serving the clients we have.
+                self.log(f"control socket accept failed: {e.strerror}")
+                return
+            client.setblocking(False)
+            peer = PeerCredentials.of(client)
+            conn = Connection(self, client, peer)
+            self.connections[client.fileno()] = conn
+            self.reactor.register_fd(client.fileno(), lambda c=conn: self._on_event(c))
+            if len(self.connections) > MAX_CONNECTIONS:
+                conn.send(error_reply("busy", "too many kflashctl connections; try again"))
+                conn.finish()
+            elif not peer_allowed(peer, self.group):
+                conn.send(
+                    error_reply(
+                        "forbidden",
+                        f"user {peer.user_name()} may not use kflashd: add it to group "
+                        f"{self.group!r} (sudo usermod -aG {self.group} {peer.user_name()}) "
+                        f"and log in again, or use sudo",
+                    )
+                )
+                conn.finish()
+
+    def want_write(self, conn: Connection) -> None:
+        if not conn.closed:
+            self.reactor.modify_fd(
+                conn.sock.fileno(), lambda c=conn: self._on_event(c), read=not conn.closing, write=True
+            )
+
+    def _on_event(self, conn: Connection) -> None:
+        if conn.closed:
+            return
+        if conn.outbuf:
+            self._flush(conn)
+            if conn.closed:
+                return
+        if conn.closing:
+            if not conn.outbuf:
+                self.close(conn)
+            return
+        self._read(conn)
+
+    def _flush(self, conn: Connection) -> None:
+        try:
+            sent = conn.sock.send(conn.outbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close(conn)
+            return
+        del conn.outbuf[:sent]
+        if not conn.outbuf:
+            if conn.closing:
+                self.close(conn)
+            else:
+                self.reactor.modify_fd(
+                    conn.sock.fileno(), lambda c=conn: self._on_event(c), read=True, write=False
+                )
+
+    def _read(self, conn: Connection) -> None:
+        try:
+            data = conn.sock.recv(256 * 1024)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close(conn)
+            return
+        if not data:
+            # Half-closed by the client: answer what is complete, then close.
+            if conn.watching is None or conn.inbuf:
+                conn.finish() if conn.outbuf else self.close(conn)
+            else:
+                self.close(conn)
+            return
+        conn.inbuf += data
+        while not conn.closing and not conn.closed:
+            newline = conn.inbuf.find(b"\n")
+            if newline < 0:
+                if len(conn.inbuf) > self.max_request:
+                    conn.inbuf.clear()
+                    conn.send(error_reply("too_large", "request too large"))
+                    conn.finish()
+                return
+            line = bytes(conn.inbuf[:newline])
+            del conn.inbuf[: newline + 1]
+            if len(line) > self.max_request:
+                conn.send(error_reply("too_large", "request too large"))
+                conn.finish()
+                return
+            self._dispatch(conn, line)
+
+    def _dispatch(self, conn: Connection, line: bytes) -> None:
+        try:
+            request = json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            conn.send(error_reply("bad_request", "request is not valid JSON"))
+            return
+        if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
+            conn.send(error_reply("bad_request", "request must be a JSON object with a \"cmd\""))
+            return
+        if request["cmd"] != "queue" and len(line) > _SMALL_REQUEST:
+            conn.send(error_reply("too_large", "request too large"))
+            conn.finish()
+            return
+        try:
+            reply = self.handler(conn, request)
+        except ProtocolError as e:
+            reply = error_reply("bad_request", str(e))
+        if reply is not None:
+            conn.send(reply)
+
+    def close(self, conn: Connection) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        fd = conn.sock.fileno()
+        self.reactor.unregister_fd(fd)
+        self.connections.pop(fd, None)
+        conn.sock.close()
+
+
+# -- client side (kflashctl) -------------------------------------------------------------
+
+
+class ControlClient:
+    """Blocking client for kflashctl: one request, one reply; or a stream of events."""
+
+    def __init__(self, path: str, timeout: Optional[float] = 30.0) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            self.sock.close()
+            raise DaemonUnreachable(
+                f"kflashd is not running (no control socket at {path}); start it with: "
+                f"sudo systemctl start kflashd"
+            ) from None
+        except PermissionError:
+            self.sock.close()
+            raise AccessDenied(
+                f"permission denied on {path}: add yourself to kflashd's group "
+                f"(sudo usermod -aG kflash $USER) and log in again, or use sudo"
+            ) from None
+        except OSError as e:
+            self.sock.close()
+            raise DaemonUnreachable(f"cannot reach kflashd at {path}: {e.strerror}") from None
+        self._buffer = bytearray()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> "ControlClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def send(self, request: Request) -> None:
+        try:
+            self.sock.sendall(encode(request))
+        except OSError as e:
+            if e.errno in (errno.EPIPE, errno.ECONNRESET):
+                # The daemon may have refused us and closed: its reply explains why.
+                return
+            raise DaemonUnreachable(f"lost the connection to kflashd: {e.strerror}") from None
+
+    def receive(self) -> Reply:
+        while True:
+            newline = self._buffer.find(b"\n")
+            if newline >= 0:
+                line = bytes(self._buffer[:newline])
+                del self._buffer[: newline + 1]
+                try:
+                    message = json.loads(line)
+                except ValueError:
+                    raise ProtocolError("kflashd sent a reply that is not JSON") from None
+                if isinstance(message, dict) and message.get("code") == "forbidden":
+                    raise AccessDenied(message.get("error", "refused"))
+                return message
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                raise DaemonUnreachable("kflashd did not answer in time") from None
+            except OSError as e:
+                raise DaemonUnreachable(f"lost the connection to kflashd: {e.strerror}") from None
+            if not data:
+                raise DaemonUnreachable("kflashd closed the connection")
+            self._buffer += data
+
+    def request(self, request: Request) -> Reply:
+        self.send(request)
+        return self.receive()
+
+    def events(self) -> Iterator[Reply]:
+        while True:
+            yield self.receive()
