@@ -1,0 +1,120 @@
+"""Config loading: defaults, validation errors that name the file and key, discovery."""
+
+from __future__ import annotations
+
+import os
+import pwd
+
+import pytest
+
+from kflashd.config import Config, apply_discovered_defaults, describe, load_config
+from kflashd.errors import ConfigError
+
+
+def write(tmp_path, text: str) -> str:
+    path = tmp_path / "kflashd.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_missing_default_file_means_all_defaults(monkeypatch, tmp_path):
+    monkeypatch.setenv("KFLASHD_CONFIG", str(tmp_path / "absent.toml"))
+    config = load_config()
+    assert config.path is None
+    assert config.timeout_flash == 60 and config.klipper_services == ["klipper"]
+    assert config.control_socket == "/run/kflashd/control.sock"
+
+
+def test_missing_named_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="absent.toml: no such config file"):
+        load_config(str(tmp_path / "absent.toml"))
+
+
+def test_every_key_is_read(tmp_path):
+    path = write(tmp_path, """
+state_dir = "/s"
+runtime_dir = "/r"
+group = "g"
+max_image_size = 1000
+[klipper]
+services = ["klipper", "klipper-2"]
+dir = "/k"
+api_socket = "/k.sock"
+[katapult]
+dir = "/kat"
+baud = 115200
+[timeouts]
+flash = 5
+service = 6
+bootloader = 7
+reboot = 0
+guard_retry = 0.5
+[boards.octopus]
+serial = "3A0029000851313433383932"
+mcu = "stm32f446xx"
+""")
+    c = load_config(path)
+    assert (c.state_dir, c.runtime_dir, c.group, c.max_image_size) == ("/s", "/r", "g", 1000)
+    assert c.klipper_services == ["klipper", "klipper-2"] and c.klipper_dir == "/k"
+    assert (c.katapult_dir, c.katapult_baud) == ("/kat", 115200)
+    assert (c.timeout_flash, c.timeout_service, c.timeout_bootloader, c.timeout_reboot) == (5, 6, 7, 0)
+    assert c.board_by_name("octopus").mcu == "stm32f446xx"
+    assert c.board_by_serial("3A0029000851313433383932").name == "octopus"
+    assert c.sources["timeouts.flash"] == path and c.sources["group"] == path
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("state_dir = ", "TOML syntax error"),
+        ("stat_dir = '/x'", "unknown key 'stat_dir'"),
+        ("[klipper]\nservice = ['k']", "unknown key 'klipper.service'"),
+        ("[timeouts]\nflash = 'long'", "timeouts.flash must be seconds, not 'long'"),
+        ("[timeouts]\nflash = true", "timeouts.flash must be seconds"),
+        ("[timeouts]\nflash = 0", "timeouts.flash must be at least 1"),
+        ("[klipper]\nservices = []", "klipper.services must be a non-empty list"),
+        ("[printer]\nx = 1", "unknown section [printer]"),
+        ("[boards.octopus]\nmcu = 'stm32f446xx'", "boards.octopus.serial must be"),
+        ("[boards.octopus]\nserial = 'AB'\nmcuu = 'x'", "unknown key 'boards.octopus.mcuu'"),
+    ],
+)
+def test_bad_config_is_one_line_naming_file_and_key(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(path + ": ")
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_katapult_tree_is_named(tmp_path):
+    path = write(tmp_path, f"[katapult]\ndir = '{tmp_path}/nowhere'\n[klipper]\ndir = '{tmp_path}'\n")
+    with pytest.raises(ConfigError, match=r"katapult.dir = .*nowhere.* has no scripts/flashtool.py"):
+        load_config(path).check_paths()
+
+
+def test_missing_klipper_tree_only_warns(tmp_path):
+    (tmp_path / "kat/scripts").mkdir(parents=True)
+    (tmp_path / "kat/scripts/flashtool.py").write_text("")
+    path = write(tmp_path, f"[katapult]\ndir = '{tmp_path}/kat'\n[klipper]\ndir = '{tmp_path}/nok'\n")
+    warnings = load_config(path).check_paths()
+    assert len(warnings) == 1 and "make flash` fallback is disabled" in warnings[0]
+
+
+def test_discovery_uses_existing_paths_only(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    (home / "klipper").mkdir(parents=True)
+    units = tmp_path / "units"
+    units.mkdir()
+    (units / "klipper.service").write_text("[Service]\nUser=pi\n")
+    monkeypatch.setattr(pwd, "getpwnam", lambda name: pwd.struct_passwd((name, "x", 1000, 1000, "", str(home), "/bin/sh")))
+    config = Config()
+    for key in ("klipper.dir", "katapult.dir", "klipper.api_socket"):
+        config.sources[key] = "default"
+    apply_discovered_defaults(config, unit_dirs=(str(units),))
+    assert config.klipper_dir == str(home / "klipper")
+    assert config.sources["klipper.dir"].endswith("runs as pi")
+    assert config.katapult_dir == "/home/pi/katapult" and config.sources["katapult.dir"] == "default"
+    rows = {key: (value, source) for key, value, source in describe(config)}
+    assert rows["klipper.dir"][0] == str(home / "klipper")
+    assert rows["timeouts.flash"] == (60, "default")
