@@ -336,8 +336,9 @@ class JobStore:
 
         Order: image, then metadata (the commit point), then the replaced job is marked
         cancelled. A crash between the last two leaves two queued jobs for one board,
-        which `load` resolves the same way. A failed write removes everything of the new
-        job and leaves the old one queued.
+        which `load` resolves the same way. A failed write before the commit point removes
+        everything of the new job and leaves the old one queued; after it, the staging
+        stands (see below).
         """
         with self._lock:
             self._check_id(job.id)
@@ -367,22 +368,22 @@ class JobStore:
                 self._discard_files(job.id)
                 raise QueueError(self._no_space_message(e)) from e
 
+            self._jobs[job.id] = stored
             replaced: Optional[Job] = None
             if old is not None:
-                replaced = copy.deepcopy(old)
+                # Past the commit point: the new job exists. Cancelling the old one is a
+                # consequence that load() re-derives (newest queued job per board wins), so
+                # a failure to record it now is not a failure of the staging.
+                replaced = old
                 replaced.state = JOB_CANCELLED
                 replaced.message = f"replaced by job {job.id}"
                 replaced.updated = time.time()
                 try:
                     self._write_meta(replaced)
-                except OSError as e:
-                    # The old job stays queued on disk; take the new one back so the user is
-                    # not left with two queued jobs for one board and a wrong reply.
-                    self._discard_files(job.id)
-                    raise QueueError(self._no_space_message(e)) from e
-                self._jobs[old.id] = replaced
-                self._remove_image(old.id)
-            self._jobs[job.id] = stored
+                except OSError:
+                    pass  # keep its image: on disk it is still a queued job until load()
+                else:
+                    self._remove_image(old.id)
             return copy.deepcopy(replaced) if replaced is not None else None
 
     def _no_space_message(self, e: OSError) -> str:
@@ -406,11 +407,12 @@ class JobStore:
         atomic_write(self._meta_path(job.id), json.dumps(data, indent=1, sort_keys=True).encode())
 
     def _remove_image(self, job_id: str) -> None:
-        if _unlink_quietly(self._image_path(job_id)):
-            try:
+        """Best effort: an image left behind is an orphan that the next load() removes."""
+        try:
+            if _unlink_quietly(self._image_path(job_id)):
                 _fsync_dir(self.images_dir)
-            except OSError:
-                pass
+        except OSError:
+            pass
 
     # ------------------------------------------------------------------ changes ------
 
