@@ -468,8 +468,8 @@ class JobStore:
                 raise QueueError(f"no such job: {job.id}")
             if current.state not in (JOB_INTERRUPTED, JOB_RUNNING, JOB_QUEUED):
                 raise QueueError(f"job {job.id} is already {current.state}; it cannot be queued again")
-            if not os.path.exists(self._image_path(job.id)):
-                raise QueueError(f"job {job.id} cannot be queued again: its staged image is gone")
+            # A missing or damaged image is not checked here: read_image() refuses it before
+            # the flash with a message the user can act on, and start-up must not fail on it.
             job.state = JOB_QUEUED
             job.message = message
             job.updated = time.time()
