@@ -1,0 +1,303 @@
+"""The print guard against a small Klipper API server (a real UNIX stream socket, 0x03 framing)."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from typing import Callable, List, Optional
+
+import pytest
+
+from kflashd.guard import GuardVerdict, check_printer_idle, query_mcu_version, query_objects, ApiError
+
+# What the handler returns: a reply dict (answered with the request's id), raw bytes (sent
+# as they are), HANG (say nothing, keep the connection open) or CLOSE (hang up).
+HANG = object()
+CLOSE = object()
+
+
+class FakeKlippyApi:
+    """Klipper's API socket as docs/API_Server.md describes it, served by threads.
+
+    `handler(request) -> reply` decides each answer; every request received is recorded.
+    """
+
+    def __init__(self, handler: Callable[[dict], object], piece_size: int = 0, piece_delay: float = 0.0) -> None:
+        self.handler = handler
+        self.piece_size = piece_size  # >0: send replies in pieces of this size (a slow peer)
+        self.piece_delay = piece_delay
+        self.dir = tempfile.mkdtemp(prefix="kfg")
+        self.path = os.path.join(self.dir, "klippy.sock")
+        self.requests: List[bytes] = []
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(self.path)
+        self.server.listen(8)
+        self._stop_r, self._stop_w = os.pipe()
+        self._conns: List[socket.socket] = []
+        self._threads = [threading.Thread(target=self._accept_loop, daemon=True)]
+        self._threads[0].start()
+
+    def _accept_loop(self) -> None:
+        while True:
+            ready, _, _ = select.select([self.server, self._stop_r], [], [])
+            if self._stop_r in ready:
+                return
+            conn, _ = self.server.accept()
+            self._conns.append(conn)
+            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        buffer = b""
+        while True:
+            ready, _, _ = select.select([conn, self._stop_r], [], [])
+            if self._stop_r in ready:
+                return
+            try:
+                chunk = conn.recv(4096)
+            except OSError:
+                return
+            if not chunk:
+                return
+            buffer += chunk
+            while b"\x03" in buffer:
+                raw, buffer = buffer.split(b"\x03", 1)
+                self.requests.append(raw)
+                request = json.loads(raw)
+                reply = self.handler(request)
+                if reply is HANG:
+                    continue
+                if reply is CLOSE:
+                    conn.close()
+                    return
+                if not isinstance(reply, bytes):
+                    reply = json.dumps(dict(reply, id=request["id"])).encode() + b"\x03"
+                if not self.piece_size:
+                    conn.sendall(reply)
+                    continue
+                for i in range(0, len(reply), self.piece_size):
+                    conn.sendall(reply[i:i + self.piece_size])
+                    time.sleep(self.piece_delay)  # simulating a slow peer, not waiting for anything
+
+    def close(self) -> None:
+        os.write(self._stop_w, b"x")
+        for t in self._threads:
+            t.join(timeout=5)
+        for conn in self._conns:
+            conn.close()
+        self.server.close()
+        os.close(self._stop_r)
+        os.close(self._stop_w)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def klippy():
+    servers = []
+
+    def start(handler, **options):
+        server = FakeKlippyApi(handler, **options)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def status_reply(status: dict) -> dict:
+    return {"result": {"eventtime": 1234.5, "status": status}}
+
+
+def states(print_stats: Optional[str], idle_timeout: Optional[str], klippy: str = "ready"):
+    """A handler answering objects/query like Klipper with these states."""
+
+    def handler(request):
+        assert request["method"] == "objects/query"
+        status = {
+            "print_stats": {"state": print_stats} if print_stats is not None else {},
+            "idle_timeout": {"state": idle_timeout} if idle_timeout is not None else {},
+            "webhooks": {"state": klippy},
+        }
+        return status_reply({k: v for k, v in status.items() if k in request["params"]["objects"]})
+
+    return handler
+
+
+# ---------------------------------------------------------------- printer states --------
+
+
+@pytest.mark.parametrize(
+    "print_stats, idle_timeout, busy, words",
+    [
+        ("standby", "Ready", False, "print_stats: standby"),
+        ("complete", "Idle", False, "idle_timeout: Idle"),
+        ("cancelled", "Ready", False, "cancelled"),
+        ("error", "Ready", False, "error"),
+        (None, "Idle", False, "idle_timeout: Idle"),  # no [virtual_sdcard]: print_stats is {}
+        ("printing", "Printing", True, "printing"),
+        ("paused", "Ready", True, "paused"),
+        ("standby", "Printing", True, "idle_timeout: Printing"),  # homing/probing/macro
+        (None, "Printing", True, "idle_timeout: Printing"),
+    ],
+)
+def test_printer_states(klippy, print_stats, idle_timeout, busy, words):
+    server = klippy(states(print_stats, idle_timeout))
+    verdict = check_printer_idle(server.path)
+    assert isinstance(verdict, GuardVerdict)
+    assert verdict.busy is busy
+    assert verdict.klipper_running is True
+    assert words in verdict.reason
+
+
+def test_request_is_what_klipper_expects(klippy):
+    server = klippy(states("standby", "Ready"))
+    check_printer_idle(server.path)
+    (raw,) = server.requests
+    request = json.loads(raw)
+    assert isinstance(request["id"], int)
+    assert request["method"] == "objects/query"
+    assert request["params"]["objects"] == {"print_stats": ["state"], "idle_timeout": ["state"], "webhooks": ["state"]}
+
+
+def test_missing_socket_means_klipper_not_running(tmp_path):
+    path = str(tmp_path / "klippy.sock")
+    verdict = check_printer_idle(path)
+    assert verdict == GuardVerdict(busy=False, reason=verdict.reason, klipper_running=False)
+    assert path in verdict.reason and "nothing to ask" in verdict.reason
+
+
+# ---------------------------------------------------------------- a Klipper that misbehaves --
+
+
+def assert_busy_quickly(path: str, words: str, timeout: float = 0.3) -> GuardVerdict:
+    started = time.monotonic()
+    verdict = check_printer_idle(path, timeout=timeout)
+    elapsed = time.monotonic() - started
+    assert verdict.busy is True
+    assert verdict.klipper_running is True
+    assert words in verdict.reason
+    assert elapsed < timeout + 1.0
+    return verdict
+
+
+def test_hanging_klipper_is_busy(klippy):
+    server = klippy(lambda request: HANG)
+    verdict = assert_busy_quickly(server.path, "does not answer within 0.3 s")
+    assert server.requests  # it did ask
+
+
+def test_never_accepting_listener_is_busy(tmp_path):
+    # Klipper's reactor blocked: the kernel queues the connection but nobody reads.
+    path = str(tmp_path / "klippy.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    try:
+        assert_busy_quickly(path, "does not answer")
+    finally:
+        listener.close()
+
+
+def test_stale_socket_file_is_busy(tmp_path):
+    # Klipper crashed and left its socket file: connection refused. We cannot tell, so wait.
+    path = str(tmp_path / "klippy.sock")
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(path)
+    dead.close()
+    assert_busy_quickly(path, "refuses connections")
+
+
+def test_garbage_reply_is_busy(klippy):
+    server = klippy(lambda request: b"\xff\xfenot json at all\x03")
+    assert_busy_quickly(server.path, "unreadable")
+
+
+def test_error_reply_is_busy(klippy):
+    server = klippy(lambda request: {"error": {"error": "WebRequestError", "message": "Klippy Disconnected"}})
+    assert_busy_quickly(server.path, "Klippy Disconnected")
+
+
+def test_reply_without_status_is_busy(klippy):
+    server = klippy(lambda request: {"result": {"eventtime": 1.0}})
+    assert_busy_quickly(server.path, "without a status")
+
+
+def test_malformed_state_is_busy(klippy):
+    server = klippy(lambda request: status_reply({"print_stats": "printing"}))
+    assert_busy_quickly(server.path, "malformed print_stats")
+
+
+def test_hang_up_without_answer_is_busy(klippy):
+    server = klippy(lambda request: CLOSE)
+    assert_busy_quickly(server.path, "closed the connection")
+
+
+def test_unterminated_reply_is_busy(klippy):
+    # a reply that never gets its 0x03 is as good as none
+    server = klippy(lambda request: json.dumps(dict(status_reply({}), id=request["id"])).encode())
+    assert_busy_quickly(server.path, "does not answer")
+
+
+def test_other_ids_are_skipped_and_fragments_joined(klippy):
+    def handler(request):
+        other = json.dumps({"id": request["id"] + 1, "result": {"status": {"print_stats": {"state": "standby"}}}})
+        mine = json.dumps(dict(status_reply({"print_stats": {"state": "printing"}}), id=request["id"]))
+        return (other + "\x03" + mine + "\x03").encode()
+
+    server = klippy(handler)
+    verdict = check_printer_idle(server.path)
+    assert verdict.busy and "printing" in verdict.reason
+
+
+def test_reply_in_pieces_within_the_deadline(klippy):
+    # A slow Klipper: the reply trickles in, 7 bytes every 10 ms; it still counts.
+    server = klippy(states("paused", "Ready"), piece_size=7, piece_delay=0.01)
+    verdict = check_printer_idle(server.path, timeout=10)
+    assert verdict.busy and "paused" in verdict.reason
+
+
+# ---------------------------------------------------------------- mcu version ------------
+
+
+def test_query_mcu_version(klippy):
+    server = klippy(lambda request: status_reply({"mcu": {"mcu_version": "v0.13.0-42-gdeadbee"}}))
+    assert query_mcu_version(server.path) == "v0.13.0-42-gdeadbee"
+    assert json.loads(server.requests[0])["params"]["objects"] == {"mcu": ["mcu_version"]}
+
+
+def test_query_secondary_mcu_version(klippy):
+    server = klippy(lambda request: status_reply({"mcu EBB": {"mcu_version": "v0.12.0"}}))
+    assert query_mcu_version(server.path, mcu_object="mcu EBB") == "v0.12.0"
+    assert json.loads(server.requests[0])["params"]["objects"] == {"mcu EBB": ["mcu_version"]}
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        HANG,
+        {"error": {"error": "WebRequestError", "message": "Klippy not ready"}},
+        status_reply({"mcu": {}}),  # Klipper starting, not connected to the MCU yet
+        status_reply({"mcu": {"mcu_version": ""}}),
+    ],
+)
+def test_query_mcu_version_unknown(klippy, reply):
+    server = klippy(lambda request: reply)
+    assert query_mcu_version(server.path, timeout=0.3) is None
+
+
+def test_query_mcu_version_without_socket(tmp_path):
+    assert query_mcu_version(str(tmp_path / "nope.sock")) is None
+
+
+def test_query_objects_raises_api_error(klippy):
+    server = klippy(lambda request: {"error": {"error": "WebRequestError", "message": "nope"}})
+    with pytest.raises(ApiError, match="nope"):
+        query_objects(server.path, {"toolhead": None})
