@@ -12,8 +12,9 @@
 #   --root           run the service as root (same as --user root)
 #   --polkit KIND    auto (default), rules (polkit >= 0.106), pkla (older polkit), none
 #   --editable       run the code from this checkout (for Moonraker updates; keep the clone)
-#   --offline        no downloads: the venv sees Debian's python3-* packages and only
-#                    kflashd itself is installed into it (pip --no-deps --no-index)
+#   --offline        no downloads: the venv sees Debian's python3-serial, python3-pyudev
+#                    and python3-sdnotify (install them first), and only kflashd itself
+#                    is installed into it (pip --no-deps --no-index)
 #   --no-start       install and enable, but do not (re)start the service now
 #   --uninstall      remove kflashd; with --keep-config /etc/kflashd/kflashd.toml stays
 #
@@ -47,7 +48,7 @@ keep_config=no
 
 say() { printf 'install.sh: %s\n' "$*"; }
 die() { printf 'install.sh: error: %s\n' "$*" >&2; exit 1; }
-usage() { sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
 
 while (($#)); do
     case $1 in
@@ -97,23 +98,24 @@ klipper_unit_user() {
     done
 }
 
+# Sets $user: the Klipper unit's User=, else the owner of the sudo user's ~/klipper, else root.
 detect_user() {
-    local found home
-    found=$(klipper_unit_user)
-    if [[ -n $found ]]; then
-        say "Klipper user: $found (User= of klipper.service)"
-        printf '%s\n' "$found"; return
+    local home
+    user=$(klipper_unit_user)
+    if [[ -n $user ]]; then
+        say "Klipper user: $user (User= of klipper.service)"
+        return
     fi
     if [[ -n ${SUDO_USER:-} && $SUDO_USER != root ]]; then
         home=$(getent passwd "$SUDO_USER" | cut -d: -f6)
         if [[ -n $home && -d $home/klipper ]]; then
-            found=$(stat -c %U "$home/klipper")
-            say "Klipper user: $found (owner of $home/klipper)"
-            printf '%s\n' "$found"; return
+            user=$(stat -c %U "$home/klipper")
+            say "Klipper user: $user (owner of $home/klipper)"
+            return
         fi
     fi
+    user=root
     say "no Klipper user found (no klipper.service with User=, no ~/klipper): running as root"
-    printf 'root\n'
 }
 
 # "rules" for polkit >= 0.106 (JavaScript rules), "pkla" for older, "none" without polkit.
@@ -157,6 +159,7 @@ make_venv() {
     [[ $offline == yes ]] && pip_args+=(--no-deps --no-index --no-build-isolation)
     if [[ $editable == yes ]]; then
         run "$DESTDIR$VENV/bin/python" -m pip install "${pip_args[@]}" --force-reinstall -e "$SRC"
+        check_dependencies
         return
     fi
     # Build from a copy: pip builds in the source tree, and root-owned build/ and
@@ -168,21 +171,39 @@ make_venv() {
     find "$tmp" -name __pycache__ -prune -exec rm -rf {} +
     rm -rf "$tmp"/*.egg-info
     run "$DESTDIR$VENV/bin/python" -m pip install "${pip_args[@]}" --force-reinstall "$tmp"
+    check_dependencies
 }
 
-# The configured Klipper units (klipper.services), as full unit names.
-klipper_units() {
+# --offline takes the dependencies from Debian: say which package is missing, if any.
+check_dependencies() {
+    local module missing=()
+    for module in serial:python3-serial pyudev:python3-pyudev sdnotify:python3-sdnotify; do
+        "$DESTDIR$VENV/bin/python" -c "import ${module%%:*}" 2>/dev/null || missing+=("${module#*:}")
+    done
+    if ((${#missing[@]})); then
+        say "warning: the venv lacks ${missing[*]}: apt-get install ${missing[*]}"
+        say "warning: and run this again, or run it without --offline"
+    fi
+}
+
+# Facts from the config as the daemon will read it (with its discovery of the Klipper
+# user's home): "unit NAME.service" for each of [klipper] services, and "dir PATH" for
+# [klipper] dir unless that is only the built-in default.
+config_facts() {
     "$DESTDIR$VENV/bin/python" - "$DESTDIR$CONFIG" <<'EOF'
 import sys
 from kflashd.config import load_config
-for name in load_config(sys.argv[1]).klipper_services:
-    print(name if "." in name else name + ".service")
+config = load_config(sys.argv[1])
+for name in config.klipper_services:
+    print("unit", name if "." in name else name + ".service")
+if config.sources.get("klipper.dir", "default") != "default":
+    print("dir", config.klipper_dir)
 EOF
 }
 
 render_unit() {
-    local svc_user=$1 svc_group=$2 home=$3
-    local tree_out="-$home/klipper/out"
+    local svc_user=$1 svc_group=$2 klipper_dir=$3
+    local tree_out="-$klipper_dir/out"
     if [[ $svc_user == root ]]; then
         # Root mode: make runs as the tree's owner (setuid), the 0700 home is read with
         # CAP_DAC_READ_SEARCH, the flash tool of another user is stopped with CAP_KILL.
@@ -211,7 +232,7 @@ render_polkit_pkla() {
 }
 
 do_install() {
-    [[ -n $user ]] || user=$(detect_user)
+    [[ -n $user ]] || detect_user
     local svc_group home
     if [[ $user == root ]]; then
         svc_group=root
@@ -249,8 +270,17 @@ do_install() {
         put 0644 "$SRC/packaging/kflashd.toml.example" "$CONFIG"
     fi
 
+    local facts u units=() klipper_dir=$home/klipper
+    facts=$(config_facts) || die "cannot read $CONFIG (fix it, then run this again)"
+    units=($(sed -n 's/^unit //p' <<<"$facts"))
+    for u in "${units[@]}"; do
+        [[ $u =~ ^[A-Za-z0-9:_.@-]+$ ]] || die "[klipper] services: '$u' is not a unit name"
+    done
+    if grep -q '^dir ' <<<"$facts"; then klipper_dir=$(sed -n 's/^dir //p' <<<"$facts"); fi
+    say "Klipper units: ${units[*]}; Klipper tree: $klipper_dir"
+
     local rendered=$WORK/rendered
-    render_unit "$user" "$svc_group" "$home" >"$rendered"
+    render_unit "$user" "$svc_group" "$klipper_dir" >"$rendered"
     put 0644 "$rendered" "$UNIT"
     put 0644 "$SRC/udev/70-kflashd.rules" "$UDEV_RULE"
     if [[ -f $SRC/kflashd/catalog/kflashd.catalog ]]; then
@@ -262,8 +292,6 @@ do_install() {
     # Exactly one polkit file, for the service user and the configured Klipper units.
     rm -f "$DESTDIR$POLKIT_RULES" "$DESTDIR$POLKIT_PKLA"
     if [[ $user != root ]]; then
-        local units
-        mapfile -t units < <(klipper_units)
         case $polkit in
             rules)
                 render_polkit_rules "$user" "${units[@]}" >"$rendered"
