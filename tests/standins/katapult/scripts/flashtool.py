@@ -313,7 +313,7 @@ class SimulatedLink:
 
 
 class KatapultClient:
-    def __init__(self, link, firmware_path, image):
+    def __init__(self, link, firmware_path, image, scripted):
         self.link = link
         self.firmware_path = firmware_path
         self.image = image
@@ -324,7 +324,6 @@ class KatapultClient:
         self.block_count = 0
         self.fw_sha = hashlib.sha1()
         self.klipper_dict = None
-        scripted = isinstance(link, SimulatedLink)
         self.timeout = BEH.get("timeout")
         self.tries = BEH.get("tries")
         self.retry_sleep = float(BEH.get("retry_sleep", 0.0 if scripted else 0.5))
@@ -595,10 +594,11 @@ def has_double_buffering(product):
 # ---------------------------------------------------------------- main
 
 
-def scripted_link(client_image):
+def scripted_link(klipper_dict):
     mcu = BEH.get("mcu", "stm32f446xx")
-    if BEH.get("fail") == "mcu_mismatch":
-        mcu = BEH.get("mcu", "stm32f103xe")
+    if BEH.get("fail") == "mcu_mismatch" and "mcu" not in BEH:
+        bin_mcu = (klipper_dict or {}).get("config", {}).get("MCU", "")
+        mcu = "stm32f446xx" if bin_mcu == "stm32f103xe" else "stm32f103xe"
     return SimulatedLink(mcu, BEH.get("version", "v0.0.1-110-gb0bf421"), BEH.get("fail"))
 
 
@@ -639,17 +639,16 @@ def flash(args):
     else:
         product = ""
 
+    client = KatapultClient(None, firmware, image, scripted)
+    client.check_binary()
     if scripted:
         if fail == "open":
             raise FlashError("Unable to open serial port: [Errno 2] could not open port %s: "
                              "[Errno 2] No such file or directory: '%s'" % (device, device))
-        link = scripted_link(image)
+        link = scripted_link(client.klipper_dict)
     else:
-        link = None
-    client = KatapultClient(link, firmware, image)
-    client.check_binary()
-    if link is None:
-        client.link = link = SerialLink(device, args.baud)
+        link = SerialLink(device, args.baud)
+    client.link = link
     try:
         try:
             if has_double_buffering(product):
@@ -679,8 +678,13 @@ def main():
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR)
+    try:
+        with open(os.path.expanduser(args.firmware), "rb") as f:
+            fw_sha = hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        fw_sha = None
     record(mode=BEH.get("mode", "protocol"), device=args.device, firmware=args.firmware,
-           baud=str(args.baud))
+           firmware_sha256=fw_sha, baud=str(args.baud))
     if "exit" in BEH:
         sys.stdout.write(BEH.get("stdout", ""))
         sys.stderr.write(BEH.get("stderr", ""))

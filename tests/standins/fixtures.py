@@ -1,0 +1,143 @@
+"""Pytest fixture and helper for the stand-in systemctl, sudo, make and Katapult tree.
+
+`standins` puts tests/standins/bin first on PATH and points KFLASHD_STANDIN_DIR at a fresh
+directory that every stand-in records its calls into (calls.jsonl) and reads its
+behaviour from (<prog>.json, re-read at every call). The directory is world-writable so a
+stand-in running as another user (make runs as the Klipper tree's owner) can record too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import pytest
+
+STANDINS_DIR = Path(__file__).resolve().parent
+BIN_DIR = STANDINS_DIR / "bin"
+KATAPULT_DIR = STANDINS_DIR / "katapult"
+FLASHTOOL = KATAPULT_DIR / "scripts" / "flashtool.py"
+
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` runs; a zombie (dead, not yet reaped by init) counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02) -> Any:
+    """Poll `predicate` until it returns something truthy; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"condition not met within {timeout} s: {predicate}")
+        time.sleep(interval)
+
+
+class Standins:
+    """Reads what the stand-ins recorded and tells them how to behave."""
+
+    def __init__(self, directory: str) -> None:
+        self.dir = Path(directory)
+        self.calls_path = self.dir / "calls.jsonl"
+        (self.dir / "units").mkdir(exist_ok=True)
+        os.chmod(self.dir / "units", 0o777)
+        self.calls_path.touch()
+        os.chmod(self.calls_path, 0o666)
+
+    # -- behaviour
+    def set(self, prog: str, behaviour: Dict[str, Any]) -> None:
+        """Replace <prog>.json (prog: systemctl, sudo, make, flashtool) atomically."""
+        tmp = self.dir / f".{prog}.json.tmp"
+        tmp.write_text(json.dumps(behaviour))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, self.dir / f"{prog}.json")
+        for stale in self.dir.glob(f"{prog}.*.count"):
+            stale.unlink()
+
+    # -- calls
+    def calls(self, prog: Optional[str] = None, **match: Any) -> List[Dict[str, Any]]:
+        """Recorded calls in order, optionally only `prog`'s and those whose fields match."""
+        out = []
+        for line in self.calls_path.read_text().splitlines():
+            if not line.strip():
+                continue
+            entry = json.loads(line)
+            if prog is not None and entry.get("prog") != prog:
+                continue
+            if all(entry.get(k) == v for k, v in match.items()):
+                out.append(entry)
+        return out
+
+    def systemctl_verbs(self) -> List[str]:
+        """e.g. ["stop", "start"]: the order in which systemctl was asked to do things."""
+        return [c["verb"] for c in self.calls("systemctl") if "verb" in c]
+
+    def child_pids(self, prog: str) -> List[int]:
+        """Pids of the children that hang modes forked (to prove they were killed)."""
+        return [c["child_pid"] for c in self.calls(prog) if c.get("event") == "child"]
+
+    # -- units
+    def unit_state(self, unit: str = "klipper") -> str:
+        try:
+            return (self.dir / "units" / unit).read_text().strip() or "inactive"
+        except FileNotFoundError:
+            return "inactive"
+
+    def set_unit_state(self, unit: str, state: str) -> None:
+        (self.dir / "units" / unit).write_text(state + "\n")
+
+    def set_unit_exec(self, unit: str, argv: List[str]) -> None:
+        """Make `systemctl start UNIT` launch `argv` detached (and stop terminate it)."""
+        (self.dir / "units" / f"{unit}.exec").write_text(json.dumps(argv))
+
+    def unit_pid(self, unit: str = "klipper") -> Optional[int]:
+        try:
+            return int((self.dir / "units" / f"{unit}.pid").read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def env(self, base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+        """An environment for a child process that should use the stand-ins."""
+        env = dict(os.environ if base is None else base)
+        env["PATH"] = f"{BIN_DIR}{os.pathsep}{env.get('PATH', '')}"
+        env["KFLASHD_STANDIN_DIR"] = str(self.dir)
+        return env
+
+    def cleanup(self) -> None:
+        """Kill what the stand-ins left running (unit processes, hung children)."""
+        pids = [p for p in (self.unit_pid(u.stem) for u in (self.dir / "units").glob("*.pid")) if p]
+        for prog in ("make", "flashtool", "systemctl"):
+            pids += self.child_pids(prog)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+@pytest.fixture
+def standins(monkeypatch: pytest.MonkeyPatch) -> Iterator[Standins]:
+    directory = tempfile.mkdtemp(prefix="kflashd-standins-")
+    os.chmod(directory, 0o777)
+    helper = Standins(directory)
+    monkeypatch.setenv("PATH", f"{BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("KFLASHD_STANDIN_DIR", directory)
+    try:
+        yield helper
+    finally:
+        helper.cleanup()
+        shutil.rmtree(directory, ignore_errors=True)
