@@ -157,7 +157,7 @@ def check_printer_idle(api_socket: str, timeout: float = DEFAULT_TIMEOUT) -> Gua
     except ApiSocketMissing:
         return GuardVerdict(
             busy=False,
-            reason=f"no Klipper API socket at {api_socket}: Klipper is not running, the print guard had nothing to ask",
+            reason=f"no Klipper API socket at {api_socket}: Klipper is not running, nothing to ask",
             klipper_running=False,
         )
     except ApiError as e:

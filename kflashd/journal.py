@@ -276,13 +276,13 @@ class JournalSender:
     def _write_stderr(self, message: str, priority: int) -> None:
         # Each line gets the prefix: systemd's stream capture assigns a priority per line,
         # so a multi-line message (a traceback) keeps its level on every line.
-        self.fallbacks += 1
         prefix = f"<{int(priority)}>"
         lines = message.splitlines() or [""]
         text = "".join(f"{prefix}{line}\n" for line in lines)
         stream = self._stream if self._stream is not None else sys.stderr
         try:
             with self._lock:
+                self.fallbacks += 1
                 stream.write(text)
                 stream.flush()
         except (OSError, ValueError):
