@@ -12,9 +12,9 @@
 #   --root           run the service as root (same as --user root)
 #   --polkit KIND    auto (default), rules (polkit >= 0.106), pkla (older polkit), none
 #   --editable       run the code from this checkout (for Moonraker updates; keep the clone)
-#   --offline        no downloads: the venv sees Debian's python3-serial, python3-pyudev
-#                    and python3-sdnotify (install them first), and only kflashd itself
-#                    is installed into it (pip --no-deps --no-index)
+#   --offline        no downloads: the venv sees Debian's python3-serial, python3-pyudev,
+#                    python3-sdnotify, python3-setuptools and python3-wheel (install them
+#                    first); only kflashd itself is installed into it
 #   --no-start       install and enable, but do not (re)start the service now
 #   --uninstall      remove kflashd; with --keep-config /etc/kflashd/kflashd.toml stays
 #
@@ -156,7 +156,12 @@ make_venv() {
         run "$python" -m venv "${venv_args[@]}" "$DESTDIR$VENV"
     fi
     local pip_args=(--disable-pip-version-check --no-cache-dir -q)
-    [[ $offline == yes ]] && pip_args+=(--no-deps --no-index --no-build-isolation)
+    if [[ $offline == yes ]]; then
+        pip_args+=(--no-deps --no-index --no-build-isolation)
+        # Without PyPI the build backend comes from Debian too (setuptools < 70 needs wheel).
+        "$DESTDIR$VENV/bin/python" -c 'import setuptools, wheel' 2>/dev/null ||
+            die "--offline builds with Debian's setuptools and wheel: apt-get install python3-setuptools python3-wheel"
+    fi
     if [[ $editable == yes ]]; then
         run "$DESTDIR$VENV/bin/python" -m pip install "${pip_args[@]}" --force-reinstall -e "$SRC"
         check_dependencies
@@ -361,7 +366,7 @@ do_uninstall() {
     for d in "${dirs[@]}"; do
         if [[ -e $DESTDIR$d ]]; then
             say "remove $d/"
-            rm -rf "${DESTDIR:?}$d"
+            rm -rf -- "$DESTDIR$d"
         fi
     done
     # Our own directories go; the OS's (/etc/udev/rules.d, /usr/local/bin, ...) stay,
