@@ -43,6 +43,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import select
 import struct
 import sys
@@ -109,6 +110,8 @@ def hang_forever():
     if BEH.get("spawn_child", True):
         pid = os.fork()
         if pid == 0:
+            # A stubborn grandchild: only SIGKILL to the whole group gets rid of it.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             while True:
                 time.sleep(60)
         record(event="child", child_pid=pid)
