@@ -411,7 +411,7 @@ def test_protocol_mode_silent_device_times_out_quickly(
     master, slave = pty.openpty()
     name = os.ttyname(slave)
     os.close(slave)
-    standins.set("flashtool", {"timeout": 0.1, "retry_sleep": 0})
+    standins.set("flashtool", {"timeout": 0.1, "retry_sleep": 0, "drain": 0})
     try:
         result = flasher.flash_device(name, str(image), KATAPULT, None, baud=115200)
     finally:

@@ -33,6 +33,7 @@ Behaviour keys (all optional):
   timeout            read timeout of every command in seconds (real tool: 2, blocks 5)
   tries              tries per command (real tool: 5, SEND_BLOCK 3)
   retry_sleep        pause after a failed try (real tool: 0.5)
+  drain              seconds spent reading stale bytes after a failed try (real: 0.25)
   exit, stdout, stderr  scripted shortcut: print these and exit with "exit", no flash
 Every call is appended to $KFLASHD_STANDIN_DIR/calls.jsonl (prog "flashtool").
 """
@@ -330,7 +331,7 @@ class KatapultClient:
         self.timeout = BEH.get("timeout")
         self.tries = BEH.get("tries")
         self.retry_sleep = float(BEH.get("retry_sleep", 0.0 if scripted else 0.5))
-        self.drain_time = 0.0 if scripted else 0.25
+        self.drain_time = float(BEH.get("drain", 0.0 if scripted else 0.25))
         if scripted and self.timeout is None:
             self.timeout = 0.0
 
