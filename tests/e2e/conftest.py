@@ -1,0 +1,80 @@
+"""End-to-end fixtures: a daemon under test, wired to the farm, the stand-ins and systemd bits."""
+
+from __future__ import annotations
+
+import sys
+from typing import Iterator, List
+
+import pytest
+
+from tests.e2e.harness import REPO, KflashdProcess
+from tests.farm.images import make_dict, make_image
+
+SERIAL = "3A0029000851313433383932"
+MCU = "stm32f446xx"
+
+
+class Printer:
+    """The "Klipper service" the stand-in systemctl runs: a fake klippy holding the ports."""
+
+    def __init__(self, standins, daemon: KflashdProcess) -> None:
+        self.standins = standins
+        self.daemon = daemon
+        standins.set_unit_exec(
+            "klipper",
+            [sys.executable, "-m", "tests.farm.fake_klipper",
+             "--api-socket", str(daemon.api_socket), "--state-file", str(daemon.printer_state)],
+        )
+
+    def start(self) -> None:
+        """Start "Klipper" the way the host would at boot (not recorded as the daemon's doing)."""
+        import subprocess
+
+        subprocess.run(["systemctl", "start", "klipper"], env=self.daemon.env, check=True,
+                       capture_output=True, timeout=30, cwd=str(REPO))
+
+    @property
+    def running(self) -> bool:
+        from tests.standins.fixtures import pid_alive
+
+        pid = self.standins.unit_pid("klipper")
+        return self.standins.unit_state("klipper") == "active" and pid is not None and pid_alive(pid)
+
+
+@pytest.fixture
+def make_daemon(tmp_path, farm, standins, notify_socket) -> Iterator:
+    """Factory: make_daemon(**KflashdProcess options) -> started daemon (READY=1 seen)."""
+    started: List[KflashdProcess] = []
+
+    def factory(start: bool = True, **options) -> KflashdProcess:
+        options.setdefault("notify_socket", notify_socket.address)
+        daemon = KflashdProcess(tmp_path / f"d{len(started)}" if started else tmp_path, farm.env,
+                                standins.dir, **options)
+        started.append(daemon)
+        if start:
+            after = len(notify_socket.messages)
+            daemon.start(wait_ready=lambda: notify_socket.count("READY=1") > 0
+                         and any(m.startswith("READY=1") for m in notify_socket.messages[after:]))
+        return daemon
+
+    yield factory
+    for daemon in started:
+        try:
+            daemon.stop()
+        except AssertionError:
+            pass
+        # Shown by pytest only when the test failed: the daemon's own words.
+        print(f"----- kflashd log ({daemon.workdir}) -----\n{daemon.log()}")
+
+
+@pytest.fixture
+def image(tmp_path):
+    """A klipper.bin for the default board, with its klipper.dict beside it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    data = make_image(mcu=MCU, version="v0.13.0-99-gfeedbee", size=5000, seed=7)
+    (out / "klipper.bin").write_bytes(data)
+    (out / "klipper.dict").write_text(make_dict(mcu=MCU, version="v0.13.0-99-gfeedbee"))
+    return out / "klipper.bin"
+
+
