@@ -1,0 +1,302 @@
+"""kflashctl: stage firmware for a board and watch what kflashd does with it.
+
+The client reads the image itself and sends its bytes; the daemon never opens a path a
+client names. Output is for people (tables, a progress bar on a terminal) unless --json
+is given, which prints the daemon's records unchanged for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional, TextIO
+
+from . import __version__
+from .config import load_config
+from .control import ControlClient
+from .errors import AccessDenied, ConfigError, DaemonUnreachable, KflashError, ProtocolError
+
+EXIT_OK = 0
+EXIT_FLASH_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_UNREACHABLE = 3
+EXIT_DENIED = 4
+EXIT_CANCELLED = 5
+
+EPILOG = f"""\
+BOARD is a board name from the config ([boards.NAME]), the board's USB serial number, or its
+/dev/serial/by-id/ path in either mode (usb-Klipper_… or usb-katapult_…).
+
+examples:
+  kflashctl queue octopus ~/klipper/out/klipper.bin --wait
+      stage the image; it is flashed when the board enters Katapult (double-tap reset)
+  kflashctl queue octopus ~/klipper/out/klipper.bin --now --wait
+      ask the running board to reboot into Katapult and flash it right away
+  kflashctl devices        boards connected now, in which mode, and their serials
+  kflashctl status         what the daemon is doing; `journalctl -u kflashd` has the details
+
+exit codes:
+  {EXIT_OK}  done (for queue --wait: flashed and back)
+  {EXIT_FLASH_FAILED}  the flash failed (Klipper was started again; see kflashctl history)
+  {EXIT_BAD_INPUT}  bad input: unknown board, unreadable or wrong image, MCU mismatch, bad option
+  {EXIT_UNREACHABLE}  kflashd is not reachable (not running? try: sudo systemctl start kflashd)
+  {EXIT_DENIED}  permission denied (add yourself to the kflash group)
+  {EXIT_CANCELLED}  the job was cancelled, replaced or interrupted before it finished
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kflashctl",
+        description="Queue Klipper firmware for kflashd and follow the flash.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", metavar="FILE", help="config file (default /etc/kflashd/kflashd.toml)")
+    parser.add_argument("--version", action="version", version=f"kflashctl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    queue = sub.add_parser("queue", help="stage a firmware image for a board",
+                           description="Stage FIRMWARE for BOARD. The klipper.dict beside the image "
+                           "(written by Klipper's build) tells the MCU it was built for; a board of "
+                           "another MCU is refused unless --force.")
+    queue.add_argument("board", metavar="BOARD", help="board name, USB serial or /dev/serial/by-id path")
+    queue.add_argument("firmware", metavar="FIRMWARE", help="image to flash, e.g. ~/klipper/out/klipper.bin")
+    queue.add_argument("--wait", action="store_true", help="follow the job live until it ends; the exit code tells the result")
+    queue.add_argument("--now", action="store_true", help="reboot the board into Katapult now if it runs Klipper")
+    queue.add_argument("--force", action="store_true", help="flash even if the image's MCU differs from the board's")
+
+    for name, text in (("list", "jobs waiting or running"), ("status", "what kflashd is doing now"),
+                       ("history", "finished jobs, newest first"), ("devices", "boards connected now")):
+        p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        p.add_argument("--json", action="store_true", help="print JSON for scripts")
+        if name == "history":
+            p.add_argument("-n", "--limit", type=int, default=20, help="how many jobs (default 20)")
+    cancel = sub.add_parser("cancel", help="cancel a queued job", description="Cancel a queued job (not one being flashed).")
+    cancel.add_argument("job", metavar="JOB", help="job id from kflashctl list")
+    config = sub.add_parser("config", help="show the effective configuration and where each value came from")
+    config.add_argument("--json", action="store_true", help="print JSON for scripts")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"kflashctl: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        if args.command == "config":
+            return show_config(config, args.json)
+        with ControlClient(config.control_socket) as client:
+            if args.command == "queue":
+                return queue(client, config, args)
+            if args.command == "cancel":
+                reply = checked(client.request({"cmd": "cancel", "job": args.job}))
+                print(f"job {reply['job']['id']} cancelled")
+                return EXIT_OK
+            if args.command == "history":
+                reply = checked(client.request({"cmd": "history", "limit": args.limit}))
+                return print_jobs(reply["jobs"], args.json, history=True)
+            if args.command == "list":
+                return print_jobs(checked(client.request({"cmd": "list"}))["jobs"], args.json)
+            if args.command == "devices":
+                return print_devices(checked(client.request({"cmd": "devices"}))["boards"], args.json)
+            if args.command == "status":
+                return print_status(checked(client.request({"cmd": "status"})), args.json)
+    except DaemonUnreachable as e:
+        print(f"kflashctl: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except AccessDenied as e:
+        print(f"kflashctl: {e}", file=sys.stderr)
+        return EXIT_DENIED
+    except BadInput as e:
+        print(f"kflashctl: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("\nkflashctl: stopped watching; the job goes on (kflashctl status)", file=sys.stderr)
+        return 130
+    except KflashError as e:
+        print(f"kflashctl: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return EXIT_BAD_INPUT
+
+
+class BadInput(KflashError):
+    """The daemon rejected the request, or the local input is unusable (exit 2)."""
+
+
+def checked(reply: Dict[str, Any]) -> Dict[str, Any]:
+    if not reply.get("ok"):
+        raise BadInput(reply.get("error", "kflashd refused the request"))
+    return reply
+
+
+def read_image(path: str, max_size: int) -> bytes:
+    """Read the image the user named, with errors that say what to do."""
+    path = os.path.expanduser(path)
+    if os.path.isdir(path):
+        raise BadInput(f"{path} is a directory; give the image file, e.g. {os.path.join(path, 'out', 'klipper.bin')}")
+    try:
+        size = os.path.getsize(path)
+        if size > max_size:
+            raise BadInput(f"{path} is {size} bytes, more than max_image_size ({max_size}): not a firmware image?")
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise BadInput(f"{path}: no such file (build the firmware with `make` in your Klipper tree first)") from None
+    except PermissionError:
+        raise BadInput(f"{path}: permission denied") from None
+    except OSError as e:
+        raise BadInput(f"{path}: cannot read: {e.strerror}") from None
+    if not data:
+        raise BadInput(f"{path} is empty")
+    return data
+
+
+def queue(client: ControlClient, config, args: argparse.Namespace) -> int:
+    import base64
+
+    from .firmware import read_image_info
+
+    image = read_image(args.firmware, config.max_image_size)
+    info = read_image_info(os.path.expanduser(args.firmware), image)
+    request = {
+        "cmd": "queue",
+        "board": args.board,
+        "image": base64.b64encode(image).decode(),
+        "sha256": hashlib.sha256(image).hexdigest(),
+        "mcu": info.mcu,
+        "version": info.version,
+        "force": args.force,
+        "now": args.now,
+    }
+    reply = checked(client.request(request))
+    job = reply["job"]
+    for warning in reply.get("warnings", []):
+        print(f"note: {warning}")
+    what = f"{job['image_size']} bytes" + (f", {info.mcu}" if info.mcu else "") + (f", {info.version}" if info.version else "")
+    print(f"job {job['id']} queued for {job['board_name'] or job['serial']} ({what})")
+    if not args.wait:
+        return EXIT_OK
+    return watch(config, job["id"])
+
+
+def watch(config, job_id: str, out: TextIO = sys.stdout) -> int:
+    """Follow a job to its end; a progress bar on a terminal, one line per step otherwise."""
+    tty = out.isatty()
+    last_line = ""
+    with ControlClient(config.control_socket, timeout=None) as client:
+        first = checked(client.request({"cmd": "watch", "job": job_id}))
+        label = first["job"]["board_name"] or first["job"]["serial"]
+        if first["job"]["state"] == "queued":
+            out.write(f"waiting for {label} to enter Katapult (double-tap reset, or queue with --now)\n")
+        for event in client.events():
+            if event.get("event") == "end":
+                if tty and last_line:
+                    out.write("\n")
+                return report_end(event["job"], out)
+            if event.get("event") != "phase":
+                continue
+            phase, percent = event.get("phase", ""), event.get("percent")
+            message = event.get("message")
+            if tty and percent is not None:
+                bar = "#" * (percent // 4)
+                line = f"\r{phase:<24} [{bar:<25}] {percent:3d}%"
+                out.write(line)
+                last_line = line
+            else:
+                if tty and last_line:
+                    out.write("\n")
+                    last_line = ""
+                text = phase + (f" {percent}%" if percent is not None else "") + (f": {message}" if message else "")
+                out.write(text + "\n")
+            out.flush()
+    return EXIT_FLASH_FAILED
+
+
+def report_end(job: Dict[str, Any], out: TextIO) -> int:
+    state, message = job["state"], job.get("message", "")
+    out.write(f"{state}: {message}\n")
+    if job.get("version_confirmed") is True:
+        out.write(f"Klipper reports firmware {job.get('mcu_version_after')}\n")
+    out.flush()
+    if state == "done":
+        return EXIT_OK
+    if state == "failed":
+        return EXIT_FLASH_FAILED
+    return EXIT_CANCELLED
+
+
+def _age(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def print_jobs(jobs: List[Dict[str, Any]], as_json: bool, history: bool = False) -> int:
+    if as_json:
+        print(json.dumps(jobs, indent=2))
+        return EXIT_OK
+    if not jobs:
+        print("no finished jobs" if history else "no jobs queued")
+        return EXIT_OK
+    print(f"{'JOB':<12}  {'BOARD':<24}  {'STATE':<11}  {'CREATED':<19}  {'METHOD':<10}  MESSAGE")
+    for job in jobs:
+        method = job["results"][-1]["method"] if job.get("results") else "-"
+        board = job.get("board_name") or job["serial"]
+        print(f"{job['id']:<12}  {board:<24}  {job['state']:<11}  {_age(job['created'])}  {method:<10}  {job.get('message', '')}")
+    return EXIT_OK
+
+
+def print_devices(boards: List[Dict[str, Any]], as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(boards, indent=2))
+        return EXIT_OK
+    if not boards:
+        print("no Klipper or Katapult boards connected")
+        return EXIT_OK
+    print(f"{'DEVICE':<14}  {'MODE':<9}  {'MCU':<14}  {'SERIAL':<26}  {'NAME':<12}  QUEUED")
+    for b in boards:
+        print(f"{b['device_node']:<14}  {b['mode']:<9}  {b['mcu']:<14}  {b['serial']:<26}  {b.get('name') or '-':<12}  {b.get('queued_job') or '-'}")
+        if b.get("by_id"):
+            print(f"{'':<14}  {b['by_id']}")
+    return EXIT_OK
+
+
+def print_status(reply: Dict[str, Any], as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(reply, indent=2))
+        return EXIT_OK
+    print(f"kflashd {reply.get('version', '')}: {reply['status']}")
+    current = reply.get("current")
+    if current:
+        pct = f" {current['percent']}%" if current.get("percent") is not None else ""
+        print(f"  running: job {current['id']} for {current.get('board_name') or current['serial']}: {current['phase']}{pct}")
+    for job in reply.get("queued", []):
+        print(f"  queued:  job {job['id']} for {job.get('board_name') or job['serial']}: {job.get('message', '')}")
+    if reply.get("klipper_down"):
+        print(f"  KLIPPER IS NOT RUNNING: {reply['klipper_down']} (try: sudo systemctl start klipper)")
+    print(f"  boards connected: {len(reply.get('boards', []))} (kflashctl devices)")
+    return EXIT_OK
+
+
+def show_config(config, as_json: bool) -> int:
+    from .config import describe
+
+    rows = describe(config)
+    if as_json:
+        print(json.dumps([{"key": k, "value": v, "source": s} for k, v, s in rows], indent=2))
+        return EXIT_OK
+    print(f"# effective configuration ({config.path or 'no config file: defaults'})")
+    for key, value, source in rows:
+        print(f"{key} = {json.dumps(value)}    # {source}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""One flash cycle for one job and one board, run in the daemon's worker thread.
+
+The order is DESIGN.md's and it is the safety argument, so it reads top to bottom in
+`FlashCycle.run()`: refuse a wrong image before anything is touched, ask the print guard,
+write the crash marker, stop Klipper (sudo verified first), reboot the board into Katapult
+if it runs Klipper, check the device is still there, flash (Katapult, then `make flash`),
+wait for the board to come back, start Klipper (on every path, by the context manager),
+remove the marker, and look for proof that the new firmware runs.
+
+The worker gets plain data (Job, Board, Config) and talks to the loop only through the
+`CycleHost` callbacks; it never touches pyudev or the control socket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from . import bootloader, flasher, guard, service
+from .config import Config
+from .errors import DiscoveryError, Interrupted, KflashError, ServiceError
+from .models import MODE_KATAPULT, MODE_KLIPPER, Board, FlashResult, Job
+from .store import JobStore, atomic_write
+
+# Outcomes the loop acts on.
+DONE = "done"
+FAILED = "failed"
+BUSY = "busy"  # the printer is printing: nothing touched, retry later
+INTERRUPTED = "interrupted"
+
+# Phases shown by STATUS and streamed to `kflashctl queue --wait`.
+PHASE_GUARD = "checking printer"
+PHASE_STOPPING = "stopping Klipper"
+PHASE_BOOTLOADER = "rebooting into Katapult"
+PHASE_FLASHING = "flashing"
+PHASE_VERIFYING = "verifying"
+PHASE_FALLBACK = "flashing via make flash"
+PHASE_REBOOT = "waiting for reboot"
+PHASE_STARTING = "starting Klipper"
+
+
+@dataclass
+class Outcome:
+    kind: str
+    message: str
+    result: Optional[FlashResult] = None
+
+
+class CycleHost:
+    """What the cycle needs from the daemon; every method is safe to call from the worker."""
+
+    def phase(self, job: Job, phase: str, percent: Optional[int] = None) -> None:
+        raise NotImplementedError
+
+    def wait_for_board(
+        self, serial: str, mode: str, timeout: float, abort: threading.Event
+    ) -> Optional[Board]:
+        raise NotImplementedError
+
+    def klipper_start_failed(self, job: Job, message: str) -> None:
+        raise NotImplementedError
+
+    def log(self, level: int, message: str, job: Job, **fields: str) -> None:
+        raise NotImplementedError
+
+
+def image_matches_board(job: Job, board: Board, config: Config) -> Optional[str]:
+    """Why this image must not go onto this board, or None when it may.
+
+    flashtool.py sends COMPLETE even after its own MCU check fails, so this check, done
+    before Klipper is touched, is the one that protects the board.
+    """
+    expected = [("the board", board.mcu)]
+    named = config.board_by_serial(board.serial)
+    if named is not None and named.mcu:
+        expected.append((f"boards.{named.name}.mcu", named.mcu))
+    if not job.image_mcu:
+        return None
+    for what, mcu in expected:
+        if mcu and mcu.lower() != job.image_mcu.lower():
+            return (
+                f"image is built for {job.image_mcu} but {what} is {mcu}: refusing to flash "
+                f"(queue it again with --force only if you are sure)"
+            )
+    return None
+
+
+class FlashCycle:
+    def __init__(
+        self,
+        host: CycleHost,
+        config: Config,
+        store: JobStore,
+        job: Job,
+        board: Board,
+        abort: threading.Event,
+    ) -> None:
+        self.host = host
+        self.config = config
+        self.store = store
+        self.job = job
+        self.board = board
+        self.abort = abort
+        self.marker_path = os.path.join(config.runtime_dir, "cycle.marker")
+
+    def run(self) -> Outcome:
+        job, config = self.job, self.config
+        if not job.force:
+            refusal = image_matches_board(job, self.board, config)
+            if refusal:
+                return Outcome(FAILED, refusal)
+
+        self.host.phase(job, PHASE_GUARD)
+        verdict = guard.check_printer_idle(config.klipper_api_socket)
+        if verdict.busy:
+            return Outcome(BUSY, verdict.reason)
+        if not verdict.klipper_running:
+            self.host.log(20, f"print guard: {verdict.reason}", job)
+
+        try:
+            image_path = self._checked_image()
+        except KflashError as e:
+            return Outcome(FAILED, str(e))
+
+        self._write_marker()
+        try:
+            return self._stopped_cycle(image_path)
+        finally:
+            self._remove_marker()
+
+    def _stopped_cycle(self, image_path: str) -> Outcome:
+        job, config = self.job, self.config
+        outcome: Optional[Outcome] = None
+        self.host.phase(job, PHASE_STOPPING)
+        try:
+            with service.klipper_service_stopped(
+                services=tuple(config.klipper_services),
+                timeout=config.timeout_service,
+                on_start_failed=lambda message: self.host.klipper_start_failed(job, message),
+            ):
+                outcome = self._flash_stopped(image_path)
+                self.host.phase(job, PHASE_STARTING)
+        except ServiceError as e:
+            return Outcome(FAILED, f"Klipper could not be stopped, nothing was flashed: {e}")
+        except Interrupted as e:
+            return Outcome(INTERRUPTED, str(e))
+        except DiscoveryError as e:
+            return Outcome(FAILED, str(e))
+        assert outcome is not None
+        if outcome.kind == DONE:
+            self._confirm_version()
+        return outcome
+
+    def _flash_stopped(self, image_path: str) -> Outcome:
+        """Everything that happens while Klipper is stopped; exceptions end in the caller."""
+        job, config = self.job, self.config
+        board = self.board
+        if board.mode == MODE_KLIPPER:
+            self.host.phase(job, PHASE_BOOTLOADER)
+            self.host.log(20, f"asking {board.device_node} to reboot into Katapult", job)
+            bootloader.request_bootloader(board.device_node)
+            found = self.host.wait_for_board(
+                board.serial, MODE_KATAPULT, config.timeout_bootloader, self.abort
+            )
+            self._check_abort()
+            if found is None:
+                return Outcome(
+                    FAILED,
+                    f"board {board.serial} did not come back in Katapult within "
+                    f"{config.timeout_bootloader:g} s after the reboot request (is Katapult "
+                    f"installed on it? double-tap reset to enter it by hand)",
+                )
+            board = self.board = found
+
+        flasher.verify_device_path(board.device_node)
+        self.host.phase(job, PHASE_FLASHING, 0)
+        result = flasher.flash_device(
+            board.device_node,
+            image_path,
+            config.katapult_dir,
+            config.klipper_dir,
+            timeout=config.timeout_flash,
+            baud=config.katapult_baud,
+            progress=self._progress,
+            abort=self.abort,
+        )
+        job.results.append(result)
+        self._check_abort()
+        if not result.success:
+            return Outcome(FAILED, result.error_message or "flash failed", result)
+
+        if config.timeout_reboot > 0:
+            self.host.phase(job, PHASE_REBOOT)
+            back = self.host.wait_for_board(
+                board.serial, MODE_KLIPPER, config.timeout_reboot, self.abort
+            )
+            self._check_abort()
+            if back is None:
+                return Outcome(
+                    FAILED,
+                    f"flashed via {result.method}, but the board did not come back in Klipper "
+                    f"mode within {config.timeout_reboot:g} s: the new firmware may not boot",
+                    result,
+                )
+        return Outcome(DONE, f"flashed via {result.method} in {result.elapsed_seconds:.1f} s", result)
+
+    def _progress(self, phase: str, percent: int) -> None:
+        shown = PHASE_VERIFYING if phase == "verify" else PHASE_FLASHING
+        if phase == "make_flash":
+            shown = PHASE_FALLBACK
+        self.host.phase(self.job, shown, percent)
+
+    def _check_abort(self) -> None:
+        if self.abort.is_set():
+            raise Interrupted("flash interrupted: kflashd is stopping")
+
+    def _checked_image(self) -> str:
+        self.store.read_image(self.job)  # re-checks the sha256 of the staged bytes
+        return self.store.image_path(self.job)
+
+    def _write_marker(self) -> None:
+        data = {
+            "job": self.job.id,
+            "serial": self.board.serial,
+            "services": self.config.klipper_services,
+            "pid": os.getpid(),
+            "time": time.time(),
+        }
+        os.makedirs(self.config.runtime_dir, exist_ok=True)
+        atomic_write(self.marker_path, json.dumps(data).encode())
+
+    def _remove_marker(self) -> None:
+        try:
+            os.unlink(self.marker_path)
+        except FileNotFoundError:
+            pass
+
+    def _confirm_version(self) -> None:
+        """Proof of success: Klipper reports the image's version for this MCU (best effort)."""
+        job = self.job
+        if not job.image_version:
+            return
+        deadline = time.monotonic() + max(self.config.timeout_reboot, 2.0)
+        version = None
+        while time.monotonic() < deadline and not self.abort.is_set():
+            version = guard.query_mcu_version(self.config.klipper_api_socket)
+            if version == job.image_version:
+                break
+            self.abort.wait(0.2)
+        job.mcu_version_after = version
+        job.version_confirmed = version == job.image_version
