@@ -118,6 +118,9 @@ def _systemctl(
     argv = ["systemctl", verb, *units]
     if use_sudo:
         argv = ["sudo", "-n", *argv]
+    elif not running_as_root():
+        # polkit decides; never let systemctl wait for a password prompt nobody sees.
+        argv.insert(1, "--no-ask-password")
     return proc.run(argv, timeout)
 
 
@@ -126,13 +129,46 @@ def _failure_text(verb: str, units: Sequence[str], result: proc.ProcResult) -> s
         line.strip() for line in result.stderr.splitlines() if line.strip()
     ) or _last_line(result.stdout)
     what = f"systemctl {verb} {' '.join(units)}"
+    if not running_as_root() and ("Access denied" in said or "authentication required" in said):
+        said += f"; {polkit_fix(units)}"
     if result.timed_out:
         return f"{what} timed out after {result.elapsed:.0f} s" + (f": {said}" if said else "")
     return f"{what} failed ({result.describe_failure()})" + (f": {said}" if said else "")
 
 
+def no_new_privileges() -> bool:
+    """Whether this process runs with NoNewPrivileges (then sudo can never work)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("NoNewPrivs:"):
+                    return line.split()[1] == "1"
+    except (OSError, IndexError):
+        pass
+    return False
+
+
 def _resolve_sudo(use_sudo: Optional[bool]) -> bool:
-    return (not running_as_root()) if use_sudo is None else use_sudo
+    """sudo only for a non-root daemon that could use it.
+
+    The shipped unit runs kflashd as the Klipper user with NoNewPrivileges=yes and a polkit
+    rule that allows exactly start/stop of the Klipper units (the way Moonraker does it):
+    there systemctl is called directly. Without NoNewPrivileges (kflashd started by hand as
+    a user), passwordless sudo is the fallback, verified before the first service operation.
+    """
+    if use_sudo is not None:
+        return use_sudo
+    if running_as_root():
+        return False
+    return not no_new_privileges()
+
+
+def polkit_fix(services: Sequence[str]) -> str:
+    return (
+        f"kflashd runs as {_user_name()} without sudo (NoNewPrivileges): install its polkit rule "
+        f"allowing {_user_name()} to start/stop {' '.join(services)} (sudo ./install.sh does), "
+        f"or run kflashd as root"
+    )
 
 
 def stop_services(

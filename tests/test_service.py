@@ -317,3 +317,36 @@ def test_unit_exec_hook_stop_waits_for_the_process(standins: Standins, tmp_path:
     service.stop_services(("klipper",))
     assert not pid_alive(pid)
     assert standins.unit_state() == "inactive"
+
+
+def test_no_new_privileges_uses_polkit_not_sudo(
+    standins: Standins, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shipped unit: the Klipper user, NoNewPrivileges=yes, a polkit rule; sudo can't work."""
+    monkeypatch.setattr(service, "running_as_root", lambda: False)
+    monkeypatch.setattr(service, "no_new_privileges", lambda: True)
+    with service.klipper_service_stopped():
+        pass
+    assert standins.calls("sudo") == []
+    argvs = [c["argv"] for c in standins.calls("systemctl") if c.get("verb") in ("stop", "start")]
+    assert argvs == [["--no-ask-password", "stop", "klipper"], ["--no-ask-password", "start", "klipper"]]
+
+
+def test_missing_polkit_rule_names_the_fix(standins: Standins, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(service, "running_as_root", lambda: False)
+    monkeypatch.setattr(service, "no_new_privileges", lambda: True)
+    standins.set("systemctl", {"stop": {"exit": 1, "stderr": "Failed to stop klipper.service: Access denied"}})
+    with pytest.raises(ServiceError, match="Access denied; .*install its polkit rule"):
+        with service.klipper_service_stopped():
+            pass
+
+
+def test_no_new_privileges_reads_proc_status() -> None:
+    # pytest does not run under NoNewPrivileges; a child started with it does.
+    assert service.no_new_privileges() is False
+    out = subprocess.run(
+        ["setpriv", "--no-new-privs", sys.executable, "-c",
+         "from kflashd import service; print(service.no_new_privileges())"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert out.stdout.strip() == "True", out.stderr
