@@ -1,0 +1,302 @@
+"""Stand-in "Klipper service": holds the boards' ports and serves Klipper's API socket.
+
+Started (detached, under the umockdev preload) by the stand-in ``systemctl start klipper``
+and SIGTERMed by ``systemctl stop klipper``. While it runs it:
+
+- holds open the tty of every board it sees through pyudev (USB ``1d50:614e`` Klipper and
+  ``1d50:6177`` Katapult), rescanning on uevents and every 100 ms, so a flash while
+  "Klipper" runs fails the way it does on a real host (flashtool.py finds the tty in
+  another process's /proc/*/fd: "Serial device ... in use");
+- asks each Klipper-mode board which firmware it runs (``tests.farm.klipper_app``'s
+  identify line) and reports that as ``mcu.mcu_version``;
+- serves ``objects/query`` and ``info`` on a UNIX stream socket, JSON messages terminated
+  by 0x03 (reference katapult-protocol.md "API socket"); a request without ``id`` gets no
+  reply; errors as Klipper's webhooks formats them.
+
+The printer's state comes from a small JSON file, re-read per request, e.g.
+``{"print_stats": "printing", "idle_timeout": "Printing", "hang": false}``; ``hang`` makes
+the socket accept and read but never answer. SIGTERM removes the socket and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import fcntl
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+if __package__ in (None, ""):  # run as a script path (how the stand-in systemctl starts it)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import pyudev  # noqa: E402
+
+from tests.farm.klipper_app import IDENTIFY_QUERY  # noqa: E402
+
+KLIPPER_USB_ID = ("1d50", "614e")
+KATAPULT_USB_ID = ("1d50", "6177")
+RESCAN_INTERVAL = 0.1
+MESSAGE_END = b"\x03"
+
+
+class HeldPort:
+    """One board tty this fake Klipper keeps open."""
+
+    def __init__(self, node: str, fd: int, mode: str, serial: str) -> None:
+        self.node = node
+        self.fd = fd
+        self.mode = mode
+        self.serial = serial
+        self.version: Optional[str] = None
+        self.buf = b""
+        self.last_query = 0.0
+
+
+class FakeKlipper:
+    def __init__(self, api_socket: str, state_file: str, log_file: Optional[str]) -> None:
+        self.api_socket = api_socket
+        self.state_file = state_file
+        self.log_file = open(log_file, "a") if log_file else sys.stderr
+        self.held: Dict[str, HeldPort] = {}
+        self.clients: Dict[int, Dict[str, Any]] = {}
+        self.context = pyudev.Context()
+        self.monitor = pyudev.Monitor.from_netlink(self.context)
+        self.monitor.filter_by("tty")
+        self.monitor.start()
+        self.stop_r, stop_w = os.pipe()
+        os.set_blocking(stop_w, False)
+        signal.set_wakeup_fd(stop_w)
+        signal.signal(signal.SIGTERM, lambda *_: None)
+        signal.signal(signal.SIGINT, lambda *_: None)
+        if os.path.exists(api_socket):
+            os.unlink(api_socket)
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(api_socket)
+        self.server.listen(8)
+        self.started = time.monotonic()
+
+    def log(self, message: str) -> None:
+        print(f"fake-klipper[{os.getpid()}]: {message}", file=self.log_file, flush=True)
+
+    # -- board ports ---------------------------------------------------------------------
+    def rescan(self) -> None:
+        seen: Dict[str, pyudev.Device] = {}
+        for dev in self.context.list_devices(subsystem="tty"):
+            usb_id = (dev.properties.get("ID_VENDOR_ID"), dev.properties.get("ID_MODEL_ID"))
+            if dev.device_node and usb_id in (KLIPPER_USB_ID, KATAPULT_USB_ID):
+                seen[dev.device_node] = dev
+        for node in list(self.held):
+            if node not in seen:
+                self.release(node, "gone")
+        for node, dev in seen.items():
+            if node in self.held:
+                continue
+            try:
+                fd = os.open(node, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+            except OSError as exc:
+                self.log(f"cannot open {node}: {exc}")
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # Klipper opens its port exclusively
+            except OSError:
+                pass
+            mode = "klipper" if dev.properties.get("ID_MODEL_ID") == KLIPPER_USB_ID[1] else "katapult"
+            port = HeldPort(node, fd, mode, dev.properties.get("ID_SERIAL_SHORT", ""))
+            self.held[node] = port
+            self.log(f"holding {node} ({mode}, serial {port.serial})")
+        now = time.monotonic()
+        for port in self.held.values():
+            if port.mode == "klipper" and port.version is None and now - port.last_query > 0.3:
+                port.last_query = now
+                try:
+                    os.write(port.fd, IDENTIFY_QUERY)
+                except OSError:
+                    pass
+
+    def release(self, node: str, why: str) -> None:
+        port = self.held.pop(node, None)
+        if port is not None:
+            os.close(port.fd)
+            self.log(f"released {node} ({why})")
+
+    def read_port(self, port: HeldPort) -> None:
+        try:
+            data = os.read(port.fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno in (errno.EIO, errno.ENXIO):
+                self.release(port.node, "hangup")
+                return
+            raise
+        if not data:
+            self.release(port.node, "hangup")
+            return
+        port.buf += data
+        while b"\n" in port.buf:
+            line, port.buf = port.buf.split(b"\n", 1)
+            try:
+                reply = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(reply, dict) and reply.get("app") == "Klipper":
+                port.version = str(reply.get("version"))
+                self.log(f"{port.node}: MCU runs {port.version}")
+
+    def main_mcu(self) -> Optional[HeldPort]:
+        ports = sorted((p for p in self.held.values() if p.mode == "klipper" and p.version), key=lambda p: p.serial)
+        return ports[0] if ports else None
+
+    # -- API socket ----------------------------------------------------------------------
+    def printer_state(self) -> Dict[str, Any]:
+        try:
+            with open(self.state_file) as f:
+                state = json.load(f)
+        except FileNotFoundError:
+            state = {}
+        except ValueError as exc:
+            self.log(f"bad state file {self.state_file}: {exc}")
+            state = {}
+        return state if isinstance(state, dict) else {}
+
+    def objects(self, state: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+        mcu = self.main_mcu()
+        ready = mcu is not None
+        objects: Dict[str, Dict[str, Any]] = {
+            "print_stats": {"state": state.get("print_stats", "standby"), "filename": state.get("filename", ""),
+                            "print_duration": 0.0, "total_duration": 0.0, "message": ""},
+            "idle_timeout": {"state": state.get("idle_timeout", "Idle"), "printing_time": 0.0},
+            "webhooks": {"state": "ready" if ready else "startup",
+                         "state_message": "Printer is ready" if ready else "Printer is not ready"},
+        }
+        if mcu is not None:
+            objects["mcu"] = {"mcu_version": mcu.version, "mcu_build_versions": "",
+                              "mcu_constants": {}, "last_stats": {}}
+        for name in state.get("unloaded", []):
+            objects.pop(name, None)  # e.g. no [virtual_sdcard]: print_stats is not loaded
+        return objects
+
+    def handle_request(self, raw: bytes) -> Optional[Dict[str, Any]]:
+        try:
+            req = json.loads(raw)
+        except ValueError:
+            self.log(f"undecodable request {raw[:200]!r}")
+            return None
+        if not isinstance(req, dict):
+            return None
+        req_id = req.get("id")
+        state = self.printer_state()
+        method = req.get("method")
+        params = req.get("params", {})
+
+        def error(message: str) -> Dict[str, Any]:
+            return {"id": req_id, "error": {"error": "WebRequestError", "message": message}}
+
+        if method == "objects/query":
+            if not isinstance(params, dict) or "objects" not in params:
+                reply = error("Missing Argument [objects]")
+            elif not isinstance(params["objects"], dict):
+                reply = error("Invalid Argument Type [objects]")
+            else:
+                objects = self.objects(state)
+                status: Dict[str, Any] = {}
+                for name, fields in params["objects"].items():
+                    obj = objects.get(name, {})
+                    status[name] = {k: v for k, v in obj.items() if not fields or k in fields}
+                reply = {"id": req_id, "result": {"eventtime": time.monotonic(), "status": status}}
+        elif method == "info":
+            ready = self.main_mcu() is not None
+            reply = {"id": req_id, "result": {"state": "ready" if ready else "startup",
+                                              "state_message": "Printer is ready" if ready else "Startup",
+                                              "app": "Klipper", "software_version": "v0.13.0-farm"}}
+        else:
+            reply = error(f"webhooks: No registered callback for path '{method}'")
+        return None if req_id is None else reply
+
+    def serve_client(self, conn: socket.socket) -> None:
+        client = self.clients[conn.fileno()]
+        try:
+            data = conn.recv(65536)
+        except OSError:
+            data = b""
+        if not data:
+            del self.clients[conn.fileno()]
+            conn.close()
+            return
+        client["buf"] += data
+        while MESSAGE_END in client["buf"]:
+            raw, client["buf"] = client["buf"].split(MESSAGE_END, 1)
+            if self.printer_state().get("hang"):
+                continue  # a wedged Klipper: accepts, reads, never answers
+            reply = self.handle_request(raw)
+            if reply is not None:
+                try:
+                    conn.sendall(json.dumps(reply).encode() + MESSAGE_END)
+                except OSError:
+                    pass
+
+    # -- loop ----------------------------------------------------------------------------
+    def run(self) -> None:
+        self.log(f"started; API socket {self.api_socket}, state file {self.state_file}")
+        self.rescan()
+        next_rescan = time.monotonic() + RESCAN_INTERVAL
+        while True:
+            readers: List[Any] = [self.stop_r, self.server, self.monitor.fileno()]
+            readers += [c["sock"] for c in self.clients.values()]
+            port_fds = {p.fd: p for p in self.held.values()}
+            readers += list(port_fds)
+            timeout = max(0.0, next_rescan - time.monotonic())
+            readable, _, _ = select.select(readers, [], [], timeout)
+            if self.stop_r in readable:
+                self.log("SIGTERM: stopping")
+                return
+            if self.monitor.fileno() in readable:
+                while self.monitor.poll(timeout=0) is not None:
+                    pass
+                self.rescan()
+            if self.server in readable:
+                conn, _ = self.server.accept()
+                self.clients[conn.fileno()] = {"sock": conn, "buf": b""}
+            for client in list(self.clients.values()):
+                if client["sock"] in readable:
+                    self.serve_client(client["sock"])
+            for fd, port in port_fds.items():
+                if fd in readable and port.node in self.held:
+                    self.read_port(port)
+            if time.monotonic() >= next_rescan:
+                self.rescan()
+                next_rescan = time.monotonic() + RESCAN_INTERVAL
+
+    def close(self) -> None:
+        for node in list(self.held):
+            self.release(node, "stopping")
+        for client in self.clients.values():
+            client["sock"].close()
+        self.server.close()
+        try:
+            os.unlink(self.api_socket)
+        except FileNotFoundError:
+            pass
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="stand-in Klipper service for kflashd tests")
+    parser.add_argument("--api-socket", required=True, help="path of the API socket to serve")
+    parser.add_argument("--state-file", required=True, help="JSON printer state, re-read per request")
+    parser.add_argument("--log", help="append diagnostics here (default stderr)")
+    args = parser.parse_args(argv)
+    klipper = FakeKlipper(args.api_socket, args.state_file, args.log)
+    try:
+        klipper.run()
+    finally:
+        klipper.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
