@@ -52,7 +52,6 @@ from .store import JobStore
 
 log = logging.getLogger("kflashd")
 
-GUARD_RETRY_SECONDS = 10.0
 _SERIAL_RE = re.compile(r"^[0-9A-Fa-f]{4,64}$")
 
 
@@ -90,6 +89,7 @@ class Daemon(CycleHost):
         self.stopping = False
         self.klipper_down: Optional[str] = None
         self.guard_wait: Optional[str] = None  # why queued jobs are held back
+        self._guard_hold = False  # no cycle starts until the guard's retry timer fires
         self._waiters: List[BoardWaiter] = []
         self._waiters_lock = threading.Lock()
         self._guard_timer = self.reactor.register_timer(self._guard_retry)
@@ -246,6 +246,7 @@ class Daemon(CycleHost):
         return now + interval
 
     def _guard_retry(self, now: float) -> float:
+        self._guard_hold = False
         self._schedule()
         return NEVER
 
@@ -253,7 +254,7 @@ class Daemon(CycleHost):
 
     def _schedule(self) -> None:
         """Start a cycle if a queued job's board is ready for it (loop thread only)."""
-        if self.cycle is not None or self.stopping or self.monitor is None:
+        if self.cycle is not None or self.stopping or self.monitor is None or self._guard_hold:
             self._update_status()
             return
         for job in self.store.queued():
@@ -312,6 +313,7 @@ class Daemon(CycleHost):
             job.message = f"waiting: {outcome.message}"
             self.store.update(job)
             self.guard_wait = outcome.message
+            self._guard_hold = True
             self._log(
                 logging.INFO,
                 f"printer busy, {job.label} waits: {outcome.message}",

@@ -134,6 +134,27 @@ def kill_group(proc: "subprocess.Popen[bytes]", grace: float = KILL_GRACE) -> No
         pass
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> Callable[[], None]:
+    """A preexec_fn that makes the child receive SIGKILL when the thread that forked it dies.
+
+    A daemon killed with SIGKILL must not leave a flash tool running on its own: that tool
+    would finish (or abort) the flash behind the next daemon's back and send COMPLETE to a
+    half-written board. libc is resolved here, in the parent, so the child only makes one
+    system call between fork and exec.
+    """
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+    return preexec
+
+
 def stream(
     argv: Sequence[str],
     timeout: float,
@@ -165,6 +186,7 @@ def stream(
         stderr=subprocess.PIPE,
         start_new_session=True,
         close_fds=True,
+        preexec_fn=_die_with_parent(),
         **popen_kwargs,  # type: ignore[arg-type]
     )
     result = ProcResult(argv=argv, returncode=None)

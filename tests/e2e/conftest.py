@@ -8,6 +8,7 @@ from typing import Iterator, List
 import pytest
 
 from tests.e2e.harness import REPO, KflashdProcess
+from tests.farm.fixtures import write_klipper_unit
 from tests.farm.images import make_dict, make_image
 
 SERIAL = "3A0029000851313433383932"
@@ -20,11 +21,8 @@ class Printer:
     def __init__(self, standins, daemon: KflashdProcess) -> None:
         self.standins = standins
         self.daemon = daemon
-        standins.set_unit_exec(
-            "klipper",
-            [sys.executable, "-m", "tests.farm.fake_klipper",
-             "--api-socket", str(daemon.api_socket), "--state-file", str(daemon.printer_state)],
-        )
+        write_klipper_unit(standins.dir, daemon.api_socket, daemon.printer_state,
+                           log=daemon.workdir / "klipper.log")
 
     def start(self) -> None:
         """Start "Klipper" the way the host would at boot (not recorded as the daemon's doing)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -128,7 +129,7 @@ class KflashdProcess:
         if self._died():
             raise AssertionError(f"kflashd exited with {self.process.returncode}:\n{self.log()}")
 
-    def signal(self, signum: int) -> None:
+    def send_signal(self, signum: int) -> None:
         assert self.process is not None
         self.process.send_signal(signum)
 
@@ -175,13 +176,22 @@ class KflashdProcess:
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(REPO),
         )
 
+    def queue(self, *args: str) -> str:
+        """`kflashctl queue ARGS` that must succeed; returns the new job's id."""
+        result = self.ctl("queue", *args)
+        assert result.returncode == 0, result.stdout + result.stderr
+        match = re.search(r"^job ([0-9a-f]{12}) queued", result.stdout, re.M)
+        assert match, result.stdout
+        return match.group(1)
+
     def ctl_json(self, *args: str) -> Any:
         result = self.ctl(*args, "--json")
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)
 
     def job(self, job_id: str) -> Dict[str, Any]:
-        for job in self.ctl_json("history", "--limit", "500") + self.ctl_json("list"):
+        # list first: a job that finishes between the two calls is then in history.
+        for job in self.ctl_json("list") + self.ctl_json("history", "--limit", "500"):
             if job["id"] == job_id:
                 return job
         raise AssertionError(f"job {job_id} not found")

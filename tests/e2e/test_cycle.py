@@ -1,0 +1,235 @@
+"""The user's workflow, end to end: real daemon, real pyudev under umockdev, emulated boards.
+
+Each test reads like what a person at the printer does: queue an image, plug a board in (or
+ask for --now), watch the cycle; and checks what they care about: the image on the board
+byte for byte, Klipper stopped only for the flash and running afterwards, the job's record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+
+import pytest
+
+from tests.e2e.conftest import MCU, SERIAL, Printer
+from tests.e2e.harness import wait_until
+from tests.farm.images import make_dict, make_image
+
+pytestmark = pytest.mark.e2e
+
+
+def padded(image: bytes, block: int = 64) -> bytes:
+    return image + b"\xff" * (-len(image) % block)
+
+
+def assert_klipper_stopped_only_around(standins, tool: str = "flashtool") -> None:
+    """systemctl stop, then the flash tool, then systemctl start, in that order."""
+    calls = [c for c in standins.calls() if c["prog"] in ("systemctl", tool) and c.get("event") != "child"]
+    order = [c.get("verb", c["prog"]) if c["prog"] == "systemctl" else tool for c in calls]
+    assert "stop" in order and tool in order and "start" in order, order
+    stop, flash = order.index("stop"), order.index(tool)
+    start = len(order) - 1 - order[::-1].index("start")
+    assert stop < flash < start, order
+
+
+def test_queue_then_plug_in_flashes_byte_exact(make_daemon, farm, standins, image, notify_socket):
+    daemon = make_daemon()
+    printer = Printer(standins, daemon)
+    printer.start()
+
+    job_id = daemon.queue(SERIAL, str(image))
+    assert daemon.job(job_id)["state"] == "queued"
+
+    farm.add_board(serial=SERIAL, mcu=MCU, mode="katapult")
+    job = daemon.wait_job(job_id, ["done", "failed"])
+    assert job["state"] == "done", job["message"]
+    data = image.read_bytes()
+    assert farm.flashed_image(SERIAL, len(padded(data))) == padded(data)
+    assert job["results"][-1]["method"] == "katapult"
+    assert job["results"][-1]["success"] is True
+    assert job["version_confirmed"] is True, job
+    assert_klipper_stopped_only_around(standins)
+    assert printer.running
+    assert farm.board(SERIAL)["mode"] == "klipper"
+    history = daemon.ctl_json("history")
+    assert [j["id"] for j in history] == [job_id]
+    assert history[0]["results"][-1]["method"] == "katapult"
+    assert any("via katapult" in s and "%" in s for s in notify_socket.statuses())
+
+
+def test_board_already_in_katapult_is_flashed_at_once(make_daemon, farm, standins, image):
+    farm.add_board(serial=SERIAL, mcu=MCU, mode="katapult")
+    daemon = make_daemon()
+    Printer(standins, daemon).start()
+    result = daemon.ctl("queue", SERIAL, str(image), "--wait")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "done: flashed via katapult" in result.stdout
+    data = image.read_bytes()
+    assert farm.flashed_image(SERIAL, len(padded(data))) == padded(data)
+
+
+def test_now_reboots_a_running_board_into_katapult(make_daemon, farm, standins, image):
+    farm.add_board(serial=SERIAL, mcu=MCU, mode="klipper")
+    daemon = make_daemon(boards={"octopus": {"serial": SERIAL, "mcu": MCU}})
+    printer = Printer(standins, daemon)
+    printer.start()
+    wait_until(lambda: printer.running, 10, "the fake Klipper to run")
+
+    result = daemon.ctl("queue", "octopus", str(image), "--now", "--wait")
+    assert result.returncode == 0, result.stdout + result.stderr
+    for step in ("stopping Klipper", "rebooting into Katapult", "waiting for reboot", "done:"):
+        assert step in result.stdout, result.stdout
+    board = farm.board(SERIAL)
+    assert board["bootloader_requests"] == 1
+    assert board["mode"] == "klipper"
+    data = image.read_bytes()
+    assert farm.flashed_image(SERIAL, len(padded(data))) == padded(data)
+    assert_klipper_stopped_only_around(standins)
+    assert printer.running
+    # flashtool's own -r is never used: the daemon asked for the bootloader itself.
+    assert all("-r" not in c["argv"] for c in standins.calls("flashtool"))
+
+
+def test_katapult_failure_falls_back_to_make_flash(make_daemon, farm, standins, image, tmp_path):
+    farm.add_board(serial=SERIAL, mcu=MCU, mode="katapult")
+    farm.set_fault(SERIAL, "silent")
+    klipper = tmp_path / "klipper"
+    (klipper / "out").mkdir(parents=True)
+    (klipper / "out" / "klipper.bin").write_bytes(image.read_bytes())
+    os.chown(klipper, 65534, 65534)
+    standins.set("flashtool", {"timeout": 0.3})
+    daemon = make_daemon(klipper_dir=klipper, timeouts={"reboot": 0})
+    Printer(standins, daemon).start()
+
+    result = daemon.ctl("queue", SERIAL, str(image), "--wait")
+    assert result.returncode == 0, result.stdout + result.stderr
+    job = daemon.ctl_json("history")[0]
+    assert job["results"][-1]["method"] == "make_flash"
+    make = standins.calls("make")
+    assert len(make) == 1 and make[0]["uid"] == 65534
+    assert f"FLASH_DEVICE={farm.board(SERIAL)['device_node']}" in make[0]["argv"]
+    assert_klipper_stopped_only_around(standins, tool="make")
+
+
+def test_unplugged_mid_flash_fails_clearly_and_klipper_runs(make_daemon, farm, standins, notify_socket):
+    farm.add_board(serial=SERIAL, mcu=MCU, mode="katapult")
+    farm.set_fault(SERIAL, "slow", bytes_per_second=1000)
+    big = make_image(mcu=MCU, version="v-big", size=40000, seed=3)
+    daemon = make_daemon()
+    path = daemon.workdir / "big.bin"
+    path.write_bytes(big)
+    printer = Printer(standins, daemon)
+    printer.start()
+
+    job_id = daemon.queue(SERIAL, str(path))
+    notify_socket.wait_for(lambda m: "Flashing" in m and "%" in m and not m.endswith(": 0%"), timeout=20)
+    farm.unplug(SERIAL)
+    job = daemon.wait_job(job_id, ["done", "failed"], timeout=60)
+    assert job["state"] == "failed"
+    assert "Katapult" in job["message"] or "katapult" in job["message"]
+    assert "make flash" in job["message"]
+    wait_until(lambda: printer.running, 10, "Klipper running again")
+
+
+def test_print_in_progress_waits_until_idle(make_daemon, farm, standins, image, notify_socket):
+    farm.add_board(serial=SERIAL, mcu=MCU, mode="katapult")
+    daemon = make_daemon()
+    printer = Printer(standins, daemon)
+    daemon.set_printer(print_stats="printing", idle_timeout="Printing")
+    printer.start()
+    stops_before = standins.systemctl_verbs().count("stop")
+
+    job_id = daemon.queue(SERIAL, str(image))
+    notify_socket.wait_for(lambda m: "Waiting for the printer" in m, timeout=10)
+    # Several guard retries pass; nothing is touched while it prints.
+    wait_until(lambda: len(standins.calls("flashtool")) == 0 and notify_socket.count(
+        lambda m: "Waiting for the printer" in m) >= 1 and daemon.job(job_id)["state"] == "queued",
+        5, "the job to wait")
+    assert standins.systemctl_verbs().count("stop") == stops_before
+    assert farm.board(SERIAL)["blocks_received"] == 0
+
+    daemon.set_printer(print_stats="complete", idle_timeout="Idle")
+    job = daemon.wait_job(job_id, ["done", "failed"])
+    assert job["state"] == "done", job["message"]
+
+
+def test_wrong_mcu_is_refused_before_klipper_is_touched(make_daemon, farm, standins, tmp_path):
+    farm.add_board(serial=SERIAL, mcu=MCU, mode="katapult")
+    daemon = make_daemon()
+    Printer(standins, daemon).start()
+    rp = tmp_path / "rp" / "klipper.bin"
+    rp.parent.mkdir()
+    rp.write_bytes(make_image(mcu="rp2040", version="v-rp", size=3000, seed=5))
+    verbs_before = standins.systemctl_verbs()
+
+    result = daemon.ctl("queue", SERIAL, str(rp))
+    assert result.returncode == 2
+    assert "built for rp2040 but the board is stm32f446xx" in result.stderr
+    assert standins.systemctl_verbs() == verbs_before
+    assert standins.calls("flashtool") == []
+
+
+def test_wrong_mcu_found_at_plug_in_fails_without_stopping_klipper(make_daemon, farm, standins, tmp_path):
+    daemon = make_daemon()
+    Printer(standins, daemon).start()
+    rp = tmp_path / "rp" / "klipper.bin"
+    rp.parent.mkdir()
+    rp.write_bytes(make_image(mcu="rp2040", version="v-rp", size=3000, seed=5))
+    job_id = daemon.queue(SERIAL, str(rp))
+    verbs_before = standins.systemctl_verbs()
+
+    farm.add_board(serial=SERIAL, mcu=MCU, mode="katapult")
+    job = daemon.wait_job(job_id, ["done", "failed"])
+    assert job["state"] == "failed" and "refusing to flash" in job["message"]
+    assert standins.systemctl_verbs() == verbs_before
+    assert farm.board(SERIAL)["blocks_received"] == 0
+
+
+def test_sigkill_mid_flash_restarts_klipper_then_reflashes(make_daemon, farm, standins, notify_socket):
+    farm.add_board(serial=SERIAL, mcu=MCU, mode="katapult")
+    farm.set_fault(SERIAL, "slow", bytes_per_second=1000)
+    daemon = make_daemon()
+    printer = Printer(standins, daemon)
+    printer.start()
+    big = make_image(mcu=MCU, version="v-big", size=30000, seed=4)
+    path = daemon.workdir / "big.bin"
+    path.write_bytes(big)
+    job_id = daemon.queue(SERIAL, str(path))
+    notify_socket.wait_for(lambda m: "Flashing" in m and "%" in m and not m.endswith(": 0%"), timeout=20)
+    assert not printer.running
+
+    daemon.kill()
+    farm.set_fault(SERIAL, None)
+    after = len(notify_socket.messages)
+    daemon.start(wait_ready=lambda: any(m.startswith("READY=1") for m in notify_socket.messages[after:]))
+    # Klipper is started at once by the new daemon (crash marker), before anything else.
+    wait_until(lambda: printer.running or standins.systemctl_verbs()[-1:] == ["start"], 10, "Klipper started")
+    job = daemon.wait_job(job_id, ["done", "failed"], timeout=60)
+    assert job["state"] == "done", job["message"]
+    assert job["attempts"] == 2
+    assert farm.flashed_image(SERIAL, len(padded(big))) == padded(big)
+    assert printer.running
+
+
+def test_sigterm_mid_flash_stops_tool_starts_klipper(make_daemon, farm, standins, notify_socket):
+    farm.add_board(serial=SERIAL, mcu=MCU, mode="katapult")
+    farm.set_fault(SERIAL, "slow", bytes_per_second=1000)
+    daemon = make_daemon()
+    printer = Printer(standins, daemon)
+    printer.start()
+    path = daemon.workdir / "big.bin"
+    path.write_bytes(make_image(mcu=MCU, version="v-big", size=30000, seed=4))
+    job_id = daemon.queue(SERIAL, str(path))
+    notify_socket.wait_for(lambda m: "Flashing" in m and "%" in m and not m.endswith(": 0%"), timeout=20)
+
+    assert daemon.stop(signal.SIGTERM) == 0
+    assert printer.running
+    stopping = notify_socket.index_of("STOPPING=1")
+    assert standins.systemctl_verbs()[-1] == "start"
+    tool_pids = [c["pid"] for c in standins.calls("flashtool") if c.get("event") != "child"]
+    assert tool_pids and not any(os.path.exists(f"/proc/{pid}") for pid in tool_pids)
+    state_file = daemon.state_dir / "jobs" / f"{job_id}.json"
+    assert '"state": "interrupted"' in state_file.read_text().replace('":"', '": "')
+    assert stopping >= 0
