@@ -28,7 +28,8 @@ class Printer:
         """Start "Klipper" the way the host would at boot (not recorded as the daemon's doing)."""
         import subprocess
 
-        subprocess.run(["systemctl", "start", "klipper"], env=self.daemon.env, check=True,
+        env = {k: v for k, v in self.daemon.env.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+        subprocess.run(["systemctl", "start", "klipper"], env=env, check=True,
                        capture_output=True, timeout=30, cwd=str(REPO))
 
     @property
