@@ -625,6 +625,7 @@ class Daemon(CycleHost):
             "printer_busy": self.guard_wait,
             "boards": self._boards_reply(),
             "version": __version__,
+            "udev": dict(self.monitor.stats) if self.monitor is not None else None,
         }
 
     def _cmd_devices(self, conn: Connection, request: Request) -> Reply:

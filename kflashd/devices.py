@@ -90,6 +90,9 @@ class BoardMonitor:
         self._monitor = pyudev.Monitor.from_netlink(self._context)
         self._monitor.filter_by("tty")
         self.boards: Dict[str, Board] = {}
+        # Counters for `kflashctl status --json` and the benchmark: a uevent burst must
+        # show every event seen (or an overflow that forced a re-read), never a silent loss.
+        self.stats: Dict[str, int] = {"uevents": 0, "board_events": 0, "overflows": 0}
 
     def start(self) -> List[Board]:
         """Start listening, then enumerate what is already there (in that order: no race)."""
@@ -116,15 +119,18 @@ class BoardMonitor:
                     return
                 if e.errno == errno.ENOBUFS:
                     # The kernel dropped events: re-read the truth instead of guessing.
+                    self.stats["overflows"] += 1
                     yield from self._resync()
                     return
                 raise
             if device is None:
                 return
+            self.stats["uevents"] += 1
             action = device.action
             if action == "remove":
                 board = self.boards.pop(device.sys_path, None)
                 if board is not None:
+                    self.stats["board_events"] += 1
                     yield "remove", board
             elif action in ("add", "change", "bind", "move"):
                 board = board_from_device(device)
@@ -132,6 +138,7 @@ class BoardMonitor:
                     known = self.boards.get(board.sys_path)
                     self.boards[board.sys_path] = board
                     if known != board:
+                        self.stats["board_events"] += 1
                         yield "add", board
 
     def _resync(self) -> Iterator[Tuple[str, Board]]:
