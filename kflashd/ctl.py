@@ -191,15 +191,17 @@ def queue(client: ControlClient, config, args: argparse.Namespace) -> int:
 def watch(config, job_id: str, out: TextIO = sys.stdout) -> int:
     """Follow a job to its end; a progress bar on a terminal, one line per step otherwise."""
     tty = out.isatty()
-    last_line = ""
+    bar_shown = False
+    last_plain = None  # (phase, quarter) of the last plain line: a log gets steps, not every percent
     with ControlClient(config.control_socket, timeout=None) as client:
         first = checked(client.request({"cmd": "watch", "job": job_id}))
         label = first["job"]["board_name"] or first["job"]["serial"]
         if first["job"]["state"] == "queued":
             out.write(f"waiting for {label} to enter Katapult (double-tap reset, or queue with --now)\n")
+            out.flush()
         for event in client.events():
             if event.get("event") == "end":
-                if tty and last_line:
+                if bar_shown:
                     out.write("\n")
                 return report_end(event["job"], out)
             if event.get("event") != "phase":
@@ -207,14 +209,17 @@ def watch(config, job_id: str, out: TextIO = sys.stdout) -> int:
             phase, percent = event.get("phase", ""), event.get("percent")
             message = event.get("message")
             if tty and percent is not None:
-                bar = "#" * (percent // 4)
-                line = f"\r{phase:<24} [{bar:<25}] {percent:3d}%"
-                out.write(line)
-                last_line = line
+                bar = "#" * (percent * 30 // 100)
+                out.write(f"\r{phase:<24} [{bar:<30}] {percent:3d}%")
+                bar_shown = True
             else:
-                if tty and last_line:
+                key = (phase, None if percent is None else percent // 25)
+                if key == last_plain:
+                    continue
+                last_plain = key
+                if bar_shown:
                     out.write("\n")
-                    last_line = ""
+                    bar_shown = False
                 text = phase + (f" {percent}%" if percent is not None else "") + (f": {message}" if message else "")
                 out.write(text + "\n")
             out.flush()

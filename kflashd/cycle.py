@@ -14,11 +14,12 @@ The worker gets plain data (Job, Board, Config) and talks to the loop only throu
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Dict, MutableMapping, Optional, Tuple
 
 from . import bootloader, flasher, guard, service
 from .config import Config
@@ -48,6 +49,27 @@ class Outcome:
     kind: str
     message: str
     result: Optional[FlashResult] = None
+
+
+def job_fields(job: Job) -> Dict[str, str]:
+    """The journal fields that tie a message to one job: `journalctl KFLASHD_JOB=…`."""
+    return {"KFLASHD_JOB": job.id, "KFLASHD_BOARD": job.label, "KFLASHD_SERIAL": job.serial}
+
+
+class JobLog(logging.LoggerAdapter):
+    """A logger for the flash core's own messages that names the board and the job."""
+
+    def __init__(self, logger: logging.Logger, job: Job) -> None:
+        super().__init__(logger, {})
+        self.job = job
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> Tuple[Any, MutableMapping[str, Any]]:
+        extra = dict(kwargs.get("extra") or {})
+        fields = job_fields(self.job)
+        fields.update(extra.get("journal_fields") or {})
+        extra["journal_fields"] = fields
+        kwargs["extra"] = extra
+        return f"[{self.job.label} job {self.job.id}] {msg}", kwargs
 
 
 class CycleHost:
@@ -106,6 +128,7 @@ class FlashCycle:
         self.board = board
         self.abort = abort
         self.marker_path = os.path.join(config.runtime_dir, "cycle.marker")
+        self.log = JobLog(logging.getLogger("kflashd.cycle"), job)
 
     def run(self) -> Outcome:
         job, config = self.job, self.config
@@ -141,6 +164,7 @@ class FlashCycle:
                 services=tuple(config.klipper_services),
                 timeout=config.timeout_service,
                 on_start_failed=lambda message: self.host.klipper_start_failed(job, message),
+                log=self.log,  # type: ignore[arg-type]
             ):
                 outcome = self._flash_stopped(image_path)
                 self.host.phase(job, PHASE_STARTING)
@@ -187,6 +211,7 @@ class FlashCycle:
             baud=config.katapult_baud,
             progress=self._progress,
             abort=self.abort,
+            log=self.log,  # type: ignore[arg-type]
         )
         job.results.append(result)
         self._check_abort()

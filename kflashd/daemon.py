@@ -30,8 +30,8 @@ from typing import Any, Dict, List, Optional
 from . import __version__, journal
 from .config import Config, load_config
 from .control import Connection, ControlServer, Reply, Request, error_reply
-from .cycle import BUSY, DONE, FAILED, INTERRUPTED, CycleHost, FlashCycle, Outcome
-from .cycle import image_matches_board
+from .cycle import BUSY, DONE, FAILED, INTERRUPTED, PHASE_STOPPING, CycleHost, FlashCycle, Outcome
+from .cycle import image_matches_board, job_fields
 from .devices import BoardMonitor, serial_from_by_id
 from .errors import ConfigError, KflashError, QueueError
 from .models import (
@@ -75,6 +75,8 @@ class RunningCycle:
         self.phase = "starting"
         self.percent: Optional[int] = None
         self.thread: Optional[threading.Thread] = None
+        self.klipper_touched = False  # the cycle stopped (and so restarted) Klipper
+        self.start_failed = False
 
 
 class Daemon(CycleHost):
@@ -168,6 +170,10 @@ class Daemon(CycleHost):
             try:
                 service.start_services(tuple(services), timeout=self.config.timeout_service)
             except KflashError as e:
+                log.critical(
+                    f"KLIPPER IS NOT RUNNING: {e}",
+                    extra={"journal_fields": {"MESSAGE_ID": journal.MSG_KLIPPER_RESTART_FAILED}},
+                )
                 self.klipper_start_failed(None, str(e))
             os.unlink(marker)
         for job in self.store.running():
@@ -307,6 +313,9 @@ class Daemon(CycleHost):
             running.thread.join()
         self.cycle = None
         job = running.job
+        if running.klipper_touched and not running.start_failed and self.klipper_down:
+            log.warning("Klipper was started again: it is no longer down")
+            self.klipper_down = None
         if outcome.kind == BUSY:
             job.state = JOB_QUEUED
             job.attempts -= 1
@@ -366,6 +375,8 @@ class Daemon(CycleHost):
         def update() -> None:
             if self.cycle is None or self.cycle.job.id != job.id:
                 return
+            if phase == PHASE_STOPPING:
+                self.cycle.klipper_touched = True
             if self.cycle.phase == phase and self.cycle.percent == percent:
                 return
             self.cycle.phase, self.cycle.percent = phase, percent
@@ -406,10 +417,11 @@ class Daemon(CycleHost):
     def klipper_start_failed(self, job: Optional[Job], message: str) -> None:
         def update() -> None:
             self.klipper_down = message
+            if self.cycle is not None:
+                self.cycle.start_failed = True
             self._update_status()
 
-        text = f"KLIPPER IS NOT RUNNING: starting {', '.join(self.config.klipper_services)} failed: {message}"
-        self._log(logging.CRITICAL, text, job, message_id=journal.MSG_KLIPPER_RESTART_FAILED)
+        # The flash core has logged it (CRITICAL, MESSAGE_ID); here it becomes STATUS.
         self.reactor.call_soon_threadsafe(update)
 
     def log(self, level: int, message: str, job: Job, **fields: str) -> None:
@@ -429,7 +441,7 @@ class Daemon(CycleHost):
     ) -> None:
         fields: Dict[str, str] = {}
         if job is not None:
-            fields.update(KFLASHD_JOB=job.id, KFLASHD_BOARD=job.label, KFLASHD_SERIAL=job.serial)
+            fields.update(job_fields(job))
             message = f"[{job.label} job {job.id}] {message}"
         if message_id:
             fields["MESSAGE_ID"] = message_id

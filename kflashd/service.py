@@ -26,6 +26,7 @@ import time
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 from . import proc
+from .journal import MSG_KLIPPER_RESTART_FAILED
 from .errors import Interrupted, ServiceError
 
 TIMEOUT_SERVICE = 30  # seconds for one systemctl stop/start
@@ -303,7 +304,10 @@ def _signals_deferred() -> Iterator[List[int]]:
 def _report_start_failure(
     message: str, log: logging.Logger, on_start_failed: Optional[StartFailedCallback]
 ) -> None:
-    log.critical(f"KLIPPER IS NOT RUNNING: {message}")
+    log.critical(
+        f"KLIPPER IS NOT RUNNING: {message}",
+        extra={"journal_fields": {"MESSAGE_ID": MSG_KLIPPER_RESTART_FAILED}},
+    )
     if on_start_failed is not None:
         try:
             on_start_failed(message)
