@@ -192,7 +192,7 @@ class Daemon(CycleHost):
                 continue
             if self.monitor.find(job.serial, MODE_KATAPULT):
                 self.store.requeue(job, "re-queued: its board waits in Katapult")
-                self._log(logging.INFO, f"job {job.id} re-queued: board waits in Katapult", job)
+                self._log(logging.INFO, "re-queued: the board waits in Katapult", job)
 
     # ---------------------------------------------------------------- events ------
 
@@ -292,7 +292,7 @@ class Daemon(CycleHost):
         config = self.config
         self._log(
             logging.INFO,
-            f"flash of {job.label} started: {board.mode} board at {board.device_node}",
+            f"flash started: {board.mode} board at {board.device_node}",
             job,
             message_id=journal.MSG_FLASH_STARTED,
         )
@@ -325,7 +325,7 @@ class Daemon(CycleHost):
             self._guard_hold = True
             self._log(
                 logging.INFO,
-                f"printer busy, {job.label} waits: {outcome.message}",
+                f"printer busy, the job waits: {outcome.message}",
                 job,
                 message_id=journal.MSG_PRINT_GUARD_WAIT,
             )
@@ -348,7 +348,7 @@ class Daemon(CycleHost):
         self.store.finish(job, state, message)
         method = job.results[-1].method if job.results else ""
         if state == JOB_DONE:
-            text = f"flash of {job.label} succeeded: {message}"
+            text = f"flash succeeded: {message}"
             if job.version_confirmed is not None:
                 text += (
                     f"; Klipper reports {job.mcu_version_after}"
@@ -357,13 +357,13 @@ class Daemon(CycleHost):
                 )
             self._log(logging.INFO, text, job, message_id=journal.MSG_FLASH_SUCCEEDED, method=method, result="done")
         elif state == JOB_INTERRUPTED:
-            self._log(logging.WARNING, f"flash of {job.label} interrupted: {message}", job,
+            self._log(logging.WARNING, f"flash interrupted: {message}", job,
                       message_id=journal.MSG_JOB_INTERRUPTED, method=method, result=state)
         elif state == JOB_FAILED:
-            self._log(logging.ERROR, f"flash of {job.label} failed: {message}", job,
+            self._log(logging.ERROR, f"flash failed: {message}", job,
                       message_id=journal.MSG_FLASH_FAILED, method=method, result=state)
         else:
-            self._log(logging.INFO, f"job {job.id} {state}: {message}", job, result=state)
+            self._log(logging.INFO, f"{state}: {message}", job, result=state)
         self.store.prune()
         self._notify_watchers(job, {"event": "end", "job": job.to_dict()})
         for conn in self.control.watchers(job.id) if self.control else []:
@@ -561,7 +561,7 @@ class Daemon(CycleHost):
             warnings.append("--now: the board already waits in Katapult")
         self._log(
             logging.INFO,
-            f"job {job.id} staged for {job.label}: {len(image)} bytes, sha256 {sha256[:12]}"
+            f"staged: {len(image)} bytes, sha256 {sha256[:12]}"
             + (f", {image_mcu}" if image_mcu else "")
             + (" (forced)" if force else ""),
             job,
@@ -655,7 +655,7 @@ class Daemon(CycleHost):
 
     def _cmd_cancel(self, conn: Connection, request: Request) -> Reply:
         job = self.store.cancel(_string(request, "job"))
-        self._log(logging.INFO, f"job {job.id} cancelled", job, result=JOB_CANCELLED)
+        self._log(logging.INFO, "cancelled by user", job, result=JOB_CANCELLED)
         self._notify_watchers(job, {"event": "end", "job": job.to_dict()})
         self._update_status()
         return {"ok": True, "job": job.to_dict()}
