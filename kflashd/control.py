@@ -22,6 +22,7 @@ import os
 import pwd
 import socket
 import struct
+import traceback
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from .errors import AccessDenied, DaemonUnreachable, ProtocolError
@@ -289,7 +290,9 @@ class ControlServer:
     def _dispatch(self, conn: Connection, line: bytes) -> None:
         try:
             request = json.loads(line)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            # RecursionError: "[[[[..." nested deeper than the decoder's recursion limit; it
+            # is not a ValueError and would otherwise end the loop, and with it the daemon.
             conn.send(error_reply("bad_request", "request is not valid JSON"))
             return
         if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
@@ -303,6 +306,11 @@ class ControlServer:
             reply = self.handler(conn, request)
         except ProtocolError as e:
             reply = error_reply("bad_request", str(e))
+        except Exception:
+            # A bug in a handler must cost one request, not the daemon: an exception that
+            # left the loop would stop it between "Klipper stopped" and "Klipper started".
+            self.log(f"internal error in the {request['cmd'][:40]!r} request:\n{traceback.format_exc()}")
+            reply = error_reply("internal", "kflashd failed on this request (a bug: see journalctl -u kflashd)")
         if reply is not None:
             conn.send(reply)
 
@@ -319,10 +327,18 @@ class ControlServer:
 # -- client side (kflashctl) -------------------------------------------------------------
 
 
+def _socket_group(path: str) -> str:
+    """The group owning the control socket: the one the kernel checks at connect()."""
+    try:
+        return grp.getgrgid(os.stat(path).st_gid).gr_name
+    except (OSError, KeyError):
+        return "kflash"  # the packaged default
+
+
 class ControlClient:
     """Blocking client for kflashctl: one request, one reply; or a stream of events."""
 
-    def __init__(self, path: str, timeout: Optional[float] = 30.0) -> None:
+    def __init__(self, path: str, timeout: Optional[float] = 30.0, group: Optional[str] = None) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sock.settimeout(timeout)
@@ -336,9 +352,10 @@ class ControlClient:
             ) from None
         except PermissionError:
             self.sock.close()
+            group = group or _socket_group(path)
             raise AccessDenied(
-                f"permission denied on {path}: add yourself to kflashd's group "
-                f"(sudo usermod -aG kflash $USER) and log in again, or use sudo"
+                f"permission denied on {path}: add yourself to kflashd's group {group!r} "
+                f"(sudo usermod -aG {group} $USER) and log in again, or use sudo"
             ) from None
         except OSError as e:
             self.sock.close()
