@@ -24,7 +24,12 @@ _BY_ID_RE = re.compile(r"usb-(?:katapult|Klipper)_(?P<mcu>.+)_(?P<serial>[^_]+)-
 
 def serial_from_by_id(path: str) -> Optional[str]:
     """The USB serial inside a `/dev/serial/by-id/usb-katapult_<mcu>_<serial>-ifNN` name."""
-    match = _BY_ID_RE.search(path.rsplit("/", 1)[-1])
+    name = path.rsplit("/", 1)[-1]
+    if len(name) > 255:
+        # No file name is longer (NAME_MAX), and the regex backtracks quadratically on a
+        # long crafted one ("usb-katapult_" * 10000): a client must not stall the loop.
+        return None
+    match = _BY_ID_RE.search(name)
     return match.group("serial") if match else None
 
 
