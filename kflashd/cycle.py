@@ -111,6 +111,16 @@ def image_matches_board(job: Job, board: Board, config: Config) -> Optional[str]
     return None
 
 
+def still_connected(board: Board) -> bool:
+    """The board's node is there and, where udev gave a by-id link, that link still points
+    at it: a node that another board took over after an unplug does not count."""
+    if not os.path.exists(board.device_node):
+        return False
+    if board.by_id:
+        return os.path.realpath(board.by_id) == os.path.realpath(board.device_node)
+    return True
+
+
 class FlashCycle:
     def __init__(
         self,
@@ -212,6 +222,7 @@ class FlashCycle:
             progress=self._progress,
             abort=self.abort,
             log=self.log,  # type: ignore[arg-type]
+            device_present=lambda: still_connected(board),
         )
         job.results.append(result)
         self._check_abort()

@@ -325,6 +325,7 @@ def flash_device(
     progress: Optional[ProgressCallback] = None,
     abort: Optional[threading.Event] = None,
     log: Optional[logging.Logger] = None,
+    device_present: Optional[Callable[[], bool]] = None,
 ) -> FlashResult:
     """Flash `firmware_path` onto `device_path`: Katapult first, then `make flash`.
 
@@ -332,7 +333,9 @@ def flash_device(
     `progress(phase, percent)` sees "write" and "verify" percentages from flashtool.py,
     and "make_flash" during the fallback. `abort` (set by the daemon on SIGTERM or a
     cancel) kills the running tool's process group and returns a failed result at once,
-    without the fallback. Each method gets `timeout` seconds.
+    without the fallback. Each method gets `timeout` seconds. `device_present()`, when
+    given, is asked before the fallback: a board unplugged mid-flash must not get `make
+    flash` aimed at its old device node, which another board may have taken by then.
     """
     log = log or _log
     started = time.monotonic()
@@ -350,7 +353,14 @@ def flash_device(
         return FlashResult(False, METHOD_KATAPULT, elapsed(), katapult_error)
 
     log.warning(f"Katapult failed: {katapult_error}")
-    refusal, owner = _fallback_refusal(firmware_path, klipper_dir)
+    if device_present is not None and not device_present():
+        refusal: Optional[str] = (
+            f"make flash not tried: the board is no longer connected at {device_path} "
+            f"(unplugged or reset mid-flash?)"
+        )
+        owner = -1
+    else:
+        refusal, owner = _fallback_refusal(firmware_path, klipper_dir)
     if refusal is None:
         log.warning("Katapult failed, trying make flash...")
     else:
