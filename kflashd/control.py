@@ -22,6 +22,7 @@ import os
 import pwd
 import socket
 import struct
+import time
 import traceback
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
@@ -158,7 +159,7 @@ class ControlServer:
             except PermissionError:
                 self.log(f"cannot give the control socket to group {self.group!r}: not permitted")
         os.chmod(self.path, 0o660)
-        sock.listen(16)
+        sock.listen(MAX_CONNECTIONS)  # a burst of kflashctl calls waits in the backlog, not in errors
         sock.setblocking(False)
         self.sock = sock
         self.reactor.register_fd(sock.fileno(), self._accept)
@@ -343,7 +344,7 @@ class ControlClient:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sock.settimeout(timeout)
         try:
-            self.sock.connect(path)
+            self._connect(path, timeout)
         except (FileNotFoundError, ConnectionRefusedError):
             self.sock.close()
             raise DaemonUnreachable(
@@ -361,6 +362,24 @@ class ControlClient:
             self.sock.close()
             raise DaemonUnreachable(f"cannot reach kflashd at {path}: {e.strerror}") from None
         self._buffer = bytearray()
+
+    def _connect(self, path: str, timeout: Optional[float]) -> None:
+        """connect(), waiting while the daemon's listen backlog is full.
+
+        With a timeout the socket is non-blocking inside, and a full AF_UNIX backlog then
+        fails at once with EAGAIN instead of waiting (as a blocking connect would): that
+        is a busy daemon, not an unreachable one.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                self.sock.connect(path)
+                return
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() > deadline:
+                    self.sock.close()
+                    raise DaemonUnreachable(f"kflashd at {path} is too busy to accept a connection") from None
+                time.sleep(0.005)
 
     def close(self) -> None:
         self.sock.close()
