@@ -177,6 +177,9 @@ def queue(client: ControlClient, config, args: argparse.Namespace) -> int:
         "force": args.force,
         "now": args.now,
     }
+    if info.mcu is None:
+        print("note: no klipper.dict beside the image and no data dictionary inside it: the image's "
+              "MCU is unknown, so it cannot be checked against the board's")
     reply = checked(client.request(request))
     job = reply["job"]
     for warning in reply.get("warnings", []):

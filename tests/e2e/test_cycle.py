@@ -99,7 +99,7 @@ def test_katapult_failure_falls_back_to_make_flash(make_daemon, farm, standins, 
     (klipper / "out").mkdir(parents=True)
     (klipper / "out" / "klipper.bin").write_bytes(image.read_bytes())
     os.chown(klipper, 65534, 65534)
-    standins.set("flashtool", {"timeout": 0.3})
+    standins.set("flashtool", {"timeout": 0.3, "tries": 2, "retry_sleep": 0})
     daemon = make_daemon(klipper_dir=klipper, timeouts={"reboot": 0})
     Printer(standins, daemon).start()
 
@@ -117,6 +117,7 @@ def test_unplugged_mid_flash_fails_clearly_and_klipper_runs(make_daemon, farm, s
     farm.add_board(serial=SERIAL, mcu=MCU, mode="katapult")
     farm.set_fault(SERIAL, "slow", bytes_per_second=1000)
     big = make_image(mcu=MCU, version="v-big", size=40000, seed=3)
+    standins.set("flashtool", {"timeout": 0.5, "tries": 2, "retry_sleep": 0})
     daemon = make_daemon()
     path = daemon.workdir / "big.bin"
     path.write_bytes(big)
@@ -233,3 +234,50 @@ def test_sigterm_mid_flash_stops_tool_starts_klipper(make_daemon, farm, standins
     state_file = daemon.state_dir / "jobs" / f"{job_id}.json"
     assert '"state": "interrupted"' in state_file.read_text().replace('":"', '": "')
     assert stopping >= 0
+
+
+def test_new_job_replaces_the_queued_one_for_the_same_board(make_daemon, farm, standins, image, tmp_path):
+    daemon = make_daemon(boards={"octopus": {"serial": SERIAL, "mcu": MCU}})
+    first = daemon.queue("octopus", str(image))
+    second_image = tmp_path / "second" / "klipper.bin"
+    second_image.parent.mkdir()
+    second_image.write_bytes(make_image(mcu=MCU, version="v-second", size=4000, seed=11))
+    # Either by-id name of the board selects it, even while it is not plugged in.
+    result = daemon.ctl("queue", f"/dev/serial/by-id/usb-Klipper_{MCU}_{SERIAL}-if00", str(second_image))
+    assert result.returncode == 0, result.stderr
+    assert f"replaces job {first}" in result.stdout
+    pending = daemon.ctl_json("list")
+    assert len(pending) == 1 and pending[0]["image_size"] == 4000
+    replaced = daemon.job(first)
+    assert replaced["state"] == "cancelled" and "replaced by job" in replaced["message"]
+
+    Printer(standins, daemon).start()
+    farm.add_board(serial=SERIAL, mcu=MCU, mode="katapult")
+    job = daemon.wait_job(pending[0]["id"], ["done", "failed"])
+    assert job["state"] == "done", job["message"]
+    data = second_image.read_bytes()
+    assert farm.flashed_image(SERIAL, len(padded(data))) == padded(data)
+
+
+def test_cancel_a_queued_job_and_its_waiter_learns_it(make_daemon):
+    daemon = make_daemon()
+    path = daemon.workdir / "klipper.bin"
+    path.write_bytes(make_image(mcu=MCU, version="v-c", size=2000, seed=2))
+    job_id = daemon.queue(SERIAL, str(path))
+    waiter = daemon.ctl_popen("queue", SERIAL, str(path), "--wait")
+    assert waiter.stdout is not None
+    line = waiter.stdout.readline()
+    while not line.startswith("job "):
+        assert line, "kflashctl queue --wait printed no job line"
+        line = waiter.stdout.readline()
+    second = line.split()[1]
+    assert daemon.job(job_id)["state"] == "cancelled"  # replaced by the waiter's job
+    wait_until(lambda: daemon.job(second)["state"] == "queued", 5, "the second job")
+    cancelled = daemon.ctl("cancel", second)
+    assert cancelled.returncode == 0 and f"job {second} cancelled" in cancelled.stdout
+    out, _ = waiter.communicate(timeout=10)
+    assert waiter.returncode == 5, out
+    assert "cancelled: cancelled by user" in out
+    again = daemon.ctl("cancel", second)
+    assert again.returncode == 2 and "already cancelled" in again.stderr
+    assert daemon.ctl("cancel", "../../etc").returncode == 2
