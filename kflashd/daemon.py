@@ -510,8 +510,8 @@ class Daemon(CycleHost):
         selector = _string(request, "board")
         image_b64 = _string(request, "image")
         sha256 = _string(request, "sha256").lower()
-        force = bool(request.get("force", False))
-        now = bool(request.get("now", False))
+        force = _flag(request, "force")
+        now = _flag(request, "now")
         image_mcu = _optional_string(request, "mcu")
         image_version = _optional_string(request, "version")
         try:
@@ -679,6 +679,16 @@ def _string(request: Request, key: str) -> str:
     value = request.get(key)
     if not isinstance(value, str) or not value:
         raise QueueError(f"request needs {key!r} as a non-empty string")
+    return value
+
+
+def _flag(request: Request, key: str) -> bool:
+    """A true/false option; anything else is refused (bool("no") would mean --force)."""
+    value = request.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise QueueError(f"{key!r} must be true or false")
     return value
 
 
