@@ -52,7 +52,7 @@ from .store import JobStore
 
 log = logging.getLogger("kflashd")
 
-_SERIAL_RE = re.compile(r"^[0-9A-Fa-f]{4,64}$")
+_SERIAL_RE = re.compile(r"\A[0-9A-Fa-f]{4,64}\Z")  # not "$": it also matches before a final "\n"
 
 
 class BoardWaiter:
