@@ -139,6 +139,7 @@ class FlashCycle:
         self.abort = abort
         self.marker_path = os.path.join(config.runtime_dir, "cycle.marker")
         self.log = JobLog(logging.getLogger("kflashd.cycle"), job)
+        self.start_failure: Optional[str] = None  # why Klipper could not be started again
 
     def run(self) -> Outcome:
         job, config = self.job, self.config
@@ -161,9 +162,18 @@ class FlashCycle:
 
         self._write_marker()
         try:
-            return self._stopped_cycle(image_path)
+            outcome = self._stopped_cycle(image_path)
         finally:
             self._remove_marker()
+        if self.start_failure is not None:
+            # The job's own record says it too: `queue --wait` and `history` show the
+            # message, and a "done" alone would read as "all is well" with Klipper down.
+            outcome.message += f"; KLIPPER IS NOT RUNNING: starting it again failed: {self.start_failure}"
+        return outcome
+
+    def _start_failed(self, message: str) -> None:
+        self.start_failure = message
+        self.host.klipper_start_failed(self.job, message)
 
     def _stopped_cycle(self, image_path: str) -> Outcome:
         job, config = self.job, self.config
@@ -173,7 +183,7 @@ class FlashCycle:
             with service.klipper_service_stopped(
                 services=tuple(config.klipper_services),
                 timeout=config.timeout_service,
-                on_start_failed=lambda message: self.host.klipper_start_failed(job, message),
+                on_start_failed=self._start_failed,
                 log=self.log,  # type: ignore[arg-type]
             ):
                 outcome = self._flash_stopped(image_path)
@@ -185,7 +195,7 @@ class FlashCycle:
         except DiscoveryError as e:
             return Outcome(FAILED, str(e))
         assert outcome is not None
-        if outcome.kind == DONE:
+        if outcome.kind == DONE and self.start_failure is None:  # no Klipper to ask otherwise
             self._confirm_version()
         return outcome
 
