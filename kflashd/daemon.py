@@ -138,6 +138,10 @@ class Daemon(CycleHost):
         try:
             self.reactor.run()
         finally:
+            if self.cycle is not None and self.cycle.thread is not None:
+                # Only reached if the loop itself failed: let the cycle start Klipper first.
+                self.cycle.abort.set()
+                self.cycle.thread.join(self.config.timeout_flash + 3 * self.config.timeout_service)
             self.notifier.stopping()
             if self.control is not None:
                 self.control.stop()

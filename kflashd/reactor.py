@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import collections
 import errno
+import logging
 import os
 import selectors
 import signal
 import threading
 import time
-from typing import Callable, Deque, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional
+
+_log = logging.getLogger("kflashd.reactor")
 
 NEVER = float("inf")
 NOW = 0.0
@@ -132,7 +135,7 @@ class Reactor:
             next_wake = NEVER
             for timer in list(self._timers):
                 if timer.waketime <= now:
-                    timer.waketime = timer.callback(now)
+                    timer.waketime = self._guarded(timer.callback, now, on_error=NEVER)
                     now = self.monotonic()
                 next_wake = min(next_wake, timer.waketime)
             if not self._running:
@@ -147,11 +150,20 @@ class Reactor:
                     raise
                 continue
             for key, _ in events:
-                key.data()
+                self._guarded(key.data)
 
     def _run_calls(self) -> None:
         while self._calls:
-            self._calls.popleft()()
+            self._guarded(self._calls.popleft())
+
+    @staticmethod
+    def _guarded(callback: Callable[..., Any], *args: Any, on_error: Any = None) -> Any:
+        """Run one callback; a bug in one handler is logged, it does not end the daemon."""
+        try:
+            return callback(*args)
+        except Exception:
+            _log.exception("unhandled error in the event loop (kflashd keeps running)")
+            return on_error
 
     def stop(self) -> None:
         """End `run()` after the current turn; safe from any thread."""
