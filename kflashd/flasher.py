@@ -25,7 +25,7 @@ import shutil
 import tempfile
 import threading
 import time
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 from . import proc
 from .errors import DiscoveryError
@@ -248,7 +248,7 @@ def _last_output_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def _fallback_refusal(firmware_path: str, klipper_dir: Optional[str]) -> "tuple[Optional[str], int]":
+def _fallback_refusal(firmware_path: str, klipper_dir: Optional[str]) -> Tuple[Optional[str], int]:
     """Why `make flash` must not run (or None), and the uid to run it as."""
     if not klipper_dir:
         return "make flash fallback unavailable: no Klipper tree configured (klipper.dir)", -1
@@ -257,7 +257,10 @@ def _fallback_refusal(firmware_path: str, klipper_dir: Optional[str]) -> "tuple[
         return f"make flash fallback unavailable: no Klipper tree at {tree}", -1
     built = os.path.join(tree, "out", "klipper.bin")
     if not os.path.isfile(built):
-        return f"make flash not tried: {built} does not exist (the tree's image differs)", -1
+        return (
+            f"make flash not tried: {built} does not exist, so make flash would build and "
+            f"write an image other than the one queued"
+        ), -1
     if sha256_file(built) != sha256_file(firmware_path):
         return (
             f"make flash not tried: {built} differs from the image being flashed "
