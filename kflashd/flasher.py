@@ -235,6 +235,11 @@ def _katapult(
         return True, "", False
     if result.aborted:
         return False, "flash interrupted: flashtool.py was stopped (kflashd is stopping)", True
+    if not result.timed_out and "Flash Tool Error" not in result.output:
+        # Not the tool's own error report: it crashed (killed, an uncaught exception, a dead
+        # interpreter). Its stderr says why; stdout may end in a half-drawn "[####" bar.
+        said = _last_output_line(result.stderr)
+        return False, f"flashtool.py failed ({result.describe_failure()})" + (f": {said}" if said else ""), False
     cause = root_cause(result.output)
     if result.timed_out:
         tail = cause or _last_output_line(result.output)
