@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -139,8 +140,12 @@ def machine() -> str:
             f"{os.cpu_count()} CPU(s){' (' + cpu + ')' if cpu else ''}, Python {platform.python_version()}")
 
 
+#: pytest's per-test temp dirs, shortened in the table (they differ on every run).
+_TMP_DIR = re.compile(r"/tmp/pytest-of-[^/\s]+/pytest-\d+/[^/\s]+")
+
+
 def _cell(text: Any, limit: int = 260) -> str:
-    text = " ".join(str(text).split())
+    text = _TMP_DIR.sub("$TMP", " ".join(str(text).split()))
     if len(text) > limit:
         text = text[: limit - 1] + "…"
     return text.replace("|", "\\|")
@@ -162,7 +167,8 @@ def render(records: List[Dict[str, Any]], results: Dict[str, str], command: str,
         "it cannot be started, reported DOWN), no staged job lost (a bystander job queued for",
         "another board stays queued with its image intact), and a clear record (job state and",
         "message naming the cause, and the log or journal line). The cells below are the values",
-        "the tests observed and asserted in this run.",
+        "the tests observed and asserted in this run (pytest's temp dirs shortened to `$TMP`, long",
+        "cells cut with …).",
         "",
         f"- Command: `{command}`",
         f"- Date: {started.strftime('%Y-%m-%d %H:%M:%S UTC')}",
