@@ -45,8 +45,11 @@ BYSTANDER = "5B0033000D51303439363932"
 #: instead of the real tool's minutes (read timeout 0.3 s, 2 tries, no pauses).
 FAST_FAILURE = {"timeout": 0.3, "tries": 2, "retry_sleep": 0, "drain": 0}
 
+#: Seconds the stand-in flashtool pauses after each block where a fault must land mid-write:
+#: 79 blocks then take about 1.6 s, ample time between "10 %" on STATUS and the injection.
+BLOCK_PAUSE = 0.02
+
 MSG_KLIPPER_RESTART_FAILED = "198456ada4aa484d80ae1f870353c26d"
-MSG_FLASH_FAILED = "76b6222e729c46c2aeafdf520c12908c"
 
 #: Job states a staged job may sensibly end a fault in (never lost, never stuck "running").
 SENSIBLE = ("queued", "done", "failed", "interrupted")
@@ -242,7 +245,7 @@ def test_unplugged_mid_flash_with_make_fallback_available(scene, farm, standins,
     image = write_image(tmp_path / "out", size=5000, seed=21)
     tree = make_tree(tmp_path, image)
     s = scene(klipper_dir=tree, timeouts={"reboot": 0})
-    standins.set("flashtool", dict(FAST_FAILURE, slow=0.02))
+    standins.set("flashtool", dict(FAST_FAILURE, slow=BLOCK_PAUSE))
     job_id = s.daemon.queue(SERIAL, str(image))
     farm.add_board(serial=SERIAL, mcu=MCU, mode="katapult")
     percent = flashing_percent(notify_socket, 10)
@@ -263,7 +266,7 @@ def test_unplugged_mid_flash_with_make_fallback_available(scene, farm, standins,
 @pytest.mark.parametrize("count", [None, 2], ids=["every-reply", "two-replies"])
 def test_katapult_corrupts_crcs_mid_flash(scene, farm, standins, notify_socket, image, count):
     s = scene()
-    knobs = dict(FAST_FAILURE, slow=0.01)
+    knobs = dict(FAST_FAILURE, slow=BLOCK_PAUSE)
     if count is not None:
         del knobs["tries"]  # the real tool's tries (3 per block): a short burst is survivable
     standins.set("flashtool", knobs)
@@ -294,7 +297,7 @@ def test_katapult_corrupts_crcs_mid_flash(scene, farm, standins, notify_socket, 
 
 def test_katapult_goes_silent_mid_flash(scene, farm, standins, notify_socket, image):
     s = scene()
-    standins.set("flashtool", dict(FAST_FAILURE, slow=0.01))
+    standins.set("flashtool", dict(FAST_FAILURE, slow=BLOCK_PAUSE))
     job_id = s.daemon.queue(SERIAL, str(image))
     farm.add_board(serial=SERIAL, mcu=MCU, mode="katapult")
     percent = flashing_percent(notify_socket, 10)
