@@ -51,6 +51,7 @@ class Config:
     timeout_bootloader: float = 15
     timeout_reboot: float = 15
     guard_retry: float = 10
+    klipper_retry: float = 30
     boards: Dict[str, BoardConfig] = field(default_factory=dict)
     sources: Dict[str, str] = field(default_factory=dict)
 
@@ -107,6 +108,7 @@ _SCALARS: Dict[Tuple[str, str], Tuple[str, Tuple[type, ...], str]] = {
     ("timeouts", "bootloader"): ("timeout_bootloader", (int, float), "seconds"),
     ("timeouts", "reboot"): ("timeout_reboot", (int, float), "seconds (0: don't wait)"),
     ("timeouts", "guard_retry"): ("guard_retry", (int, float), "seconds between print-guard checks"),
+    ("timeouts", "klipper_retry"): ("klipper_retry", (int, float), "seconds between tries to start a Klipper that is down"),
 }
 _SECTIONS = {"klipper", "katapult", "timeouts", "boards"}
 # Lower bounds; timeouts.reboot may be 0 (do not wait for the board to come back).
@@ -116,6 +118,7 @@ _MINIMUM = {
     "timeouts.bootloader": 1,
     "timeouts.reboot": 0,
     "timeouts.guard_retry": 0.1,
+    "timeouts.klipper_retry": 0.1,
     "max_image_size": 1,
     "katapult.baud": 0,
 }

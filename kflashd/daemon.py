@@ -95,6 +95,8 @@ class Daemon(CycleHost):
         self._waiters: List[BoardWaiter] = []
         self._waiters_lock = threading.Lock()
         self._guard_timer = self.reactor.register_timer(self._guard_retry)
+        self._klipper_timer = self.reactor.register_timer(self._retry_klipper_start)
+        self._klipper_starting = False  # a retry of `systemctl start` runs in a thread
         self._last_status = ""
         self.exit_code = 0
 
@@ -223,6 +225,8 @@ class Daemon(CycleHost):
             with self._waiters_lock:
                 for waiter in self._waiters:
                     waiter.event.set()
+        elif self._klipper_starting:
+            log.info(f"{name}: stopping once the running `systemctl start` returns")
         else:
             log.info(f"{name}: stopping")
             self.reactor.stop()
@@ -264,7 +268,8 @@ class Daemon(CycleHost):
 
     def _schedule(self) -> None:
         """Start a cycle if a queued job's board is ready for it (loop thread only)."""
-        if self.cycle is not None or self.stopping or self.monitor is None or self._guard_hold:
+        busy = self.cycle is not None or self._klipper_starting or self._guard_hold
+        if busy or self.stopping or self.monitor is None:
             self._update_status()
             return
         for job in self.store.queued():
@@ -423,10 +428,48 @@ class Daemon(CycleHost):
             self.klipper_down = message
             if self.cycle is not None:
                 self.cycle.start_failed = True
+            self.reactor.update_timer(self._klipper_timer, self.reactor.monotonic() + self.config.klipper_retry)
             self._update_status()
 
         # The flash core has logged it (CRITICAL, MESSAGE_ID); here it becomes STATUS.
         self.reactor.call_soon_threadsafe(update)
+
+    def _retry_klipper_start(self, now: float) -> float:
+        """Klipper is down after a failed start: keep trying, off the loop thread."""
+        if not self.klipper_down or self.stopping:
+            return NEVER
+        if self.cycle is not None:  # the cycle's own start is the next try
+            return now + self.config.klipper_retry
+        from . import service
+
+        services = tuple(self.config.klipper_services)
+        timeout = self.config.timeout_service
+        self._klipper_starting = True
+
+        def work() -> None:
+            try:
+                service.start_services(services, timeout=timeout, tries=1)
+                error = None
+            except KflashError as e:
+                error = str(e)
+            self.reactor.call_soon_threadsafe(lambda: self._klipper_retry_done(error))
+
+        threading.Thread(target=work, name="klipper-retry", daemon=True).start()
+        return NEVER
+
+    def _klipper_retry_done(self, error: Optional[str]) -> None:
+        self._klipper_starting = False
+        if self.stopping:
+            self.reactor.stop()
+        if error is None:
+            log.warning("Klipper was started again: it is no longer down")
+            self.klipper_down = None
+        else:
+            log.error(f"Klipper is still down: {error}; trying again in {self.config.klipper_retry:g} s")
+            self.klipper_down = error
+            self.reactor.update_timer(self._klipper_timer, self.reactor.monotonic() + self.config.klipper_retry)
+        self._update_status()
+        self._schedule()
 
     def log(self, level: int, message: str, job: Job, **fields: str) -> None:
         self._log(level, message, job, **fields)

@@ -405,6 +405,28 @@ def test_systemctl_start_fails_klipper_down_is_loud(scene, farm, standins, image
                   f"{critical['MESSAGE']}")
 
 
+def test_klipper_left_down_is_started_again_later(scene, farm, standins, image, notify_socket):
+    """After every try failed, kflashd keeps trying (timeouts.klipper_retry) until Klipper runs."""
+    s = scene(timeouts={"reboot": 2, "klipper_retry": 0.5})
+    standins.set("systemctl", {"start": {"exit": 1, "fail_times": 4, "stderr": "start refused"}})
+    job_id = s.daemon.queue(SERIAL, str(image))
+    farm.add_board(serial=SERIAL, mcu=MCU, mode="katapult")
+    job = s.daemon.wait_job(job_id, ["done", "failed"], timeout=40)
+    assert "KLIPPER IS NOT RUNNING" in job["message"], job
+    down_at = notify_socket.index_of(lambda m: "KLIPPER IS DOWN" in m, timeout=10)
+    # The 4th start (the first retry) fails too, the 5th succeeds: Klipper runs again.
+    wait_until(lambda: s.printer.running, 15, "Klipper started by a later retry")
+    notify_socket.wait_for(lambda m: m == "STATUS=Idle, 1 job queued", after=down_at, timeout=10)
+    assert s.daemon.ctl_json("status")["klipper_down"] is None
+    starts = standins.systemctl_verbs().count("start") - 1
+    assert starts == 5, standins.systemctl_verbs()
+    s.nothing_lost(job_id)
+    line = s.log_line("Klipper was started again")
+    s.record("`systemctl start klipper` fails 4 times", "at the restart after a good flash, then retried",
+             f"{s.klipper_running()} after {starts} start tries (3 in the cycle, 2 retries "
+             f"{0.5:g} s apart)", job, line)
+
+
 def test_systemctl_start_fails_once_is_retried(scene, farm, standins, image, notify_socket):
     s = scene()
     standins.set("systemctl", {"start": {"exit": 1, "fail_times": 1}})
