@@ -11,6 +11,7 @@ import argparse
 import hashlib
 import json
 import os
+import stat
 import sys
 import time
 from typing import Any, Dict, List, Optional, TextIO
@@ -18,7 +19,7 @@ from typing import Any, Dict, List, Optional, TextIO
 from . import __version__
 from .config import load_config
 from .control import ControlClient
-from .errors import AccessDenied, ConfigError, DaemonUnreachable, KflashError, ProtocolError
+from .errors import AccessDenied, ConfigError, DaemonUnreachable, KflashError
 
 EXIT_OK = 0
 EXIT_FLASH_FAILED = 1
@@ -144,7 +145,11 @@ def read_image(path: str, max_size: int) -> bytes:
     if os.path.isdir(path):
         raise BadInput(f"{path} is a directory; give the image file, e.g. {os.path.join(path, 'out', 'klipper.bin')}")
     try:
-        size = os.path.getsize(path)
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            # A FIFO would block waiting for a writer, /dev/zero would never end.
+            raise BadInput(f"{path} is not a regular file; give the firmware image, e.g. ~/klipper/out/klipper.bin")
+        size = st.st_size
         if size > max_size:
             raise BadInput(f"{path} is {size} bytes, more than max_image_size ({max_size}): not a firmware image?")
         with open(path, "rb") as f:

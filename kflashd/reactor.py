@@ -18,7 +18,6 @@ import logging
 import os
 import selectors
 import signal
-import threading
 import time
 from typing import Any, Callable, Deque, Dict, List, Optional
 

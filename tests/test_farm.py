@@ -296,7 +296,7 @@ def test_fake_klipper_holds_ports_and_answers_api(farm: BoardFarm, tmp_path: Pat
     try:
         for board in (klipper_board, katapult_board):
             pts = pts_of(farm, board["device_node"])
-            wait_until(lambda: holds(proc.pid, pts), timeout=10, message=f"fake Klipper holding {board['device_node']}")
+            wait_until(lambda: holds(proc.pid, pts), timeout=10, what=f"fake Klipper holding {board['device_node']}")
         # flashtool.py's "in use" check (stat of the node vs. /proc/*/fd) sees it, as on a real host.
         out = run_child(farm, r"""
 import os, sys
@@ -307,7 +307,7 @@ hits = [e for e in os.listdir(f"/proc/{pid}/fd")
 print(len(hits))
 """, katapult_board["device_node"], str(proc.pid))
         assert out.strip() == "1"
-        wait_until(lambda: os.path.exists(sock_path), timeout=10, message="API socket")
+        wait_until(lambda: os.path.exists(sock_path), timeout=10, what="API socket")
         api = ApiClient(sock_path)
         try:
             def ready() -> Optional[Dict[str, Any]]:
@@ -315,7 +315,7 @@ print(len(hits))
                 assert reply is not None, "no reply to objects/query"
                 status = reply["result"]["status"]
                 return status if status["webhooks"]["state"] == "ready" else None
-            status = wait_until(ready, timeout=10, message="fake Klipper ready")
+            status = wait_until(ready, timeout=10, what="fake Klipper ready")
             assert status == {"print_stats": {"state": "standby"}, "idle_timeout": {"state": "Idle"},
                               "webhooks": {"state": "ready"}, "mcu": {"mcu_version": "v0.13.0-7-gfeedbee"}}
             write_printer_state(state, print_stats="printing", idle_timeout="Printing")
@@ -334,7 +334,7 @@ print(len(hits))
         # The board going away is noticed: the port is released.
         pts = pts_of(farm, klipper_board["device_node"])
         farm.unplug(SN1)
-        wait_until(lambda: not holds(proc.pid, pts), timeout=10, message="port released after unplug")
+        wait_until(lambda: not holds(proc.pid, pts), timeout=10, what="port released after unplug")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
         assert not os.path.exists(sock_path)

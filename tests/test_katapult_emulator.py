@@ -185,7 +185,7 @@ def test_flash_multi_page_image_byte_for_byte() -> None:
         code, payload = b.host.command(0x15)
         acked_at = time.monotonic()
         assert (code, payload) == (0xA0, struct.pack("<I", 0x15))
-        wait_until(lambda: b.boots, timeout=2, message="boot after COMPLETE")
+        wait_until(lambda: b.boots, timeout=2, what="boot after COMPLETE")
         assert b.boots[0] - acked_at >= 0.05  # Katapult jumps ~100 ms after the ACK
         assert b.emulator.booted.is_set()
         b.host.write(b.host.frame(0x11))
@@ -285,7 +285,7 @@ def test_fault_drop_after_blocks(hangup: bool) -> None:
                     return os.read(b.slave, 1) == b""
                 except OSError as exc:
                     return exc.errno == errno.EIO
-            assert wait_until(hung, timeout=2, message="line hangup")
+            assert wait_until(hung, timeout=2, what="line hangup")
         else:
             assert b.host.silent_for(0.3)
         assert b.emulator.blocks_received == 3
@@ -340,7 +340,7 @@ def test_klipper_app_bootloader_request_and_identify() -> None:
         attrs = termios.tcgetattr(slave)
         attrs[4] = attrs[5] = termios.B1200
         termios.tcsetattr(slave, termios.TCSANOW, attrs)
-        wait_until(lambda: requests, timeout=2, message="bootloader request at 1200 baud")
+        wait_until(lambda: requests, timeout=2, what="bootloader request at 1200 baud")
         assert requests == [app]
     finally:
         app.stop()

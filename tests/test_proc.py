@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 from tests.standins.fixtures import pid_alive, wait_until
 

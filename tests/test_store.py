@@ -18,7 +18,6 @@ import select
 import signal
 import stat
 import subprocess
-import tempfile
 import threading
 import time
 import types

@@ -15,25 +15,14 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
+
+from tests.support.wait import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 STANDINS = REPO / "tests" / "standins"
 PYTHON = sys.executable
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
-    """Poll `predicate` until it returns something true; fail naming `what` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 class KflashdProcess:
@@ -88,7 +77,12 @@ class KflashdProcess:
         self.printer_state.write_text(json.dumps({"print_stats": "standby", "idle_timeout": "Ready"}))
         env = dict(os.environ)
         env.update(farm_env)
-        env["PATH"] = f"{STANDINS / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}"
+        # As under the unit: the stand-ins first (they play systemctl, sudo and make), then
+        # the venv (its python3 runs flashtool.py), then the system; no pyenv shims, which
+        # cost ~150 ms per python3 call and would distort every timing.
+        env["PATH"] = os.pathsep.join(
+            [str(STANDINS / "bin"), os.path.dirname(PYTHON), "/usr/local/sbin", "/usr/local/bin",
+             "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
         env["KFLASHD_STANDIN_DIR"] = str(standin_dir)
         env["PYTHONUNBUFFERED"] = "1"
         env.pop("NOTIFY_SOCKET", None)

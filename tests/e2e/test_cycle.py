@@ -7,7 +7,6 @@ byte for byte, Klipper stopped only for the flash and running afterwards, the jo
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 
@@ -15,7 +14,7 @@ import pytest
 
 from tests.e2e.conftest import MCU, SERIAL, Printer
 from tests.e2e.harness import wait_until
-from tests.farm.images import make_dict, make_image
+from tests.farm.images import make_image
 
 pytestmark = pytest.mark.e2e
 

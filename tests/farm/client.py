@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, TypeVar, Union
 
+from tests.support.wait import wait_until
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 20.0
 REQUEST_TIMEOUT = 10.0
@@ -33,23 +35,6 @@ T = TypeVar("T")
 
 class FarmError(RuntimeError):
     """The controller refused a request, died, or did not answer in time."""
-
-
-def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02,
-               message: str = "condition") -> T:
-    """Poll ``predicate`` until it returns something truthy; return that, or raise TimeoutError.
-
-    Exceptions from the predicate propagate at once (a broken check must not look like a
-    slow one).
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:.1f} s waiting for {message} (last value: {value!r})")
-        time.sleep(interval)
 
 
 class BoardFarm:
@@ -234,9 +219,9 @@ class BoardFarm:
 
     def wait_until(self, predicate: Callable[[], T], timeout: float = 10.0, message: str = "condition") -> T:
         try:
-            return wait_until(predicate, timeout=timeout, message=message)
-        except TimeoutError as exc:
-            raise TimeoutError(f"{exc}{self._log_tail()}") from None
+            return wait_until(predicate, timeout=timeout, what=message)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}{self._log_tail()}") from None
 
     def wait_for_mode(self, serial: str, mode: str, timeout: float = 10.0) -> Dict[str, Any]:
         """Wait until the board is present in ``mode``; returns its info."""

@@ -13,11 +13,12 @@ import os
 import shutil
 import signal
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
+
+from tests.support.wait import wait_until  # noqa: F401  (re-exported for the tests)
 
 STANDINS_DIR = Path(__file__).resolve().parent
 BIN_DIR = STANDINS_DIR / "bin"
@@ -33,18 +34,6 @@ def pid_alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
     return state not in ("Z", "X")
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02) -> Any:
-    """Poll `predicate` until it returns something truthy; fail the test at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"condition not met within {timeout} s: {predicate}")
-        time.sleep(interval)
 
 
 class Standins:
