@@ -86,9 +86,6 @@ class CycleHost:
     def klipper_start_failed(self, job: Job, message: str) -> None:
         raise NotImplementedError
 
-    def log(self, level: int, message: str, job: Job, **fields: str) -> None:
-        raise NotImplementedError
-
 
 def image_matches_board(job: Job, board: Board, config: Config) -> Optional[str]:
     """Why this image must not go onto this board, or None when it may.
@@ -153,7 +150,7 @@ class FlashCycle:
         if verdict.busy:
             return Outcome(BUSY, verdict.reason)
         if not verdict.klipper_running:
-            self.host.log(20, f"print guard: {verdict.reason}", job)
+            self.log.info(f"print guard: {verdict.reason}")
 
         try:
             image_path = self._checked_image()
@@ -205,7 +202,7 @@ class FlashCycle:
         board = self.board
         if board.mode == MODE_KLIPPER:
             self.host.phase(job, PHASE_BOOTLOADER)
-            self.host.log(20, f"asking {board.device_node} to reboot into Katapult", job)
+            self.log.info(f"asking {board.device_node} to reboot into Katapult")
             bootloader.request_bootloader(board.device_node)
             found = self.host.wait_for_board(
                 board.serial, MODE_KATAPULT, config.timeout_bootloader, self.abort

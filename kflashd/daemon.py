@@ -471,9 +471,6 @@ class Daemon(CycleHost):
         self._update_status()
         self._schedule()
 
-    def log(self, level: int, message: str, job: Job, **fields: str) -> None:
-        self._log(level, message, job, **fields)
-
     # ---------------------------------------------------------------- reporting ------
 
     def _log(
