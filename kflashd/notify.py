@@ -16,18 +16,20 @@ os.environ when it is created (as sd_notify's `unset_environment` does), so that
 (flashtool.py, make, systemctl, sudo) can inherit them and talk to systemd in the daemon's
 name. `child_environment()` builds such an environment explicitly.
 
+The transport (non-blocking send, bounded wait, congested flag, reconnect once) is
+kflashd.dgram's DatagramSender, shared with the journal.
+
 Thread safety: one socket under a lock; the loop thread and the flash worker may both call.
 """
 
 from __future__ import annotations
 
-import errno
 import os
-import select
-import socket
 import threading
 import time
 from typing import Dict, Mapping, MutableMapping, Optional
+
+from kflashd.dgram import DatagramSender
 
 #: Variables that belong to this process's relationship with the service manager.
 NOTIFY_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
@@ -78,13 +80,25 @@ class Notifier:
         if unset_environment and environ is None:
             for name in NOTIFY_VARIABLES:
                 os.environ.pop(name, None)
-        self.max_wait = max_wait
+        # The socket, the bounded wait and the reconnect live in DatagramSender; this lock
+        # keeps `sent`/`dropped` in step with the sends.
         self._lock = threading.Lock()
-        self._sock: Optional[socket.socket] = None
-        self._congested = False
+        self._max_wait = max_wait
+        self._sender = DatagramSender(self.address, max_wait) if self.address is not None else None
         #: Messages the receiver took, and messages dropped (full queue, receiver gone).
         self.sent = 0
         self.dropped = 0
+
+    @property
+    def max_wait(self) -> float:
+        """Longest wait, in seconds, for room in a full queue before a message is dropped."""
+        return self._max_wait
+
+    @max_wait.setter
+    def max_wait(self, seconds: float) -> None:
+        self._max_wait = seconds
+        if self._sender is not None:
+            self._sender.max_wait = seconds
 
     @property
     def enabled(self) -> bool:
@@ -146,66 +160,21 @@ class Notifier:
 
         Never raises and never blocks longer than max_wait (see the module docstring).
         """
-        if self.address is None:
+        if self._sender is None:
             return False
         payload = "\n".join(assignments).encode("utf-8", "replace")
         with self._lock:
             try:
-                self._send_locked(payload)
+                self._sender.send(payload)
             except OSError:
                 self.dropped += 1
                 return False
             self.sent += 1
             return True
 
-    def _connect_locked(self) -> socket.socket:
-        # Connected, so that poll(POLLOUT) waits for room in the receiver's queue.
-        if self._sock is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            try:
-                sock.connect(self.address)
-            except OSError:
-                sock.close()
-                raise
-            self._sock = sock
-        return self._sock
-
-    def _drop_socket_locked(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-
-    def _send_locked(self, payload: bytes) -> None:
-        try:
-            self._send_once_locked(self._connect_locked(), payload)
-        except OSError as e:
-            if e.errno not in (errno.ECONNREFUSED, errno.ENOTCONN, errno.ENOENT):
-                raise
-            # The receiver was re-created (systemd re-executed, a test rebinding): reconnect once.
-            self._drop_socket_locked()
-            self._send_once_locked(self._connect_locked(), payload)
-
-    def _send_once_locked(self, sock: socket.socket, payload: bytes) -> None:
-        deadline = time.monotonic() + (0.0 if self._congested else self.max_wait)
-        while True:
-            try:
-                sock.send(payload, socket.MSG_DONTWAIT)
-                self._congested = False
-                return
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
-                    raise
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    self._congested = True
-                    raise
-                poller = select.poll()
-                poller.register(sock.fileno(), select.POLLOUT)
-                poller.poll(max(1, int(remaining * 1000)))
-
     def close(self) -> None:
-        with self._lock:
-            self._drop_socket_locked()
+        if self._sender is not None:
+            self._sender.close()
 
 
 def _status_line(text: str) -> str:
