@@ -15,6 +15,7 @@ Thread safety: the event-loop thread and the flash worker both log. A single dat
 socket is shared under a lock, and every send is non-blocking (MSG_DONTWAIT): when
 journald's queue is full we wait for room at most `max_wait` (0.25 s) once, then write to
 stderr instead, so a stuck journald cannot stall the loop (and with it the watchdog ping).
+That transport is kflashd.dgram's DatagramSender, shared with sd_notify (kflashd.notify).
 
 What this module must never do: block the caller on journald for long, raise from a log call, or
 send a field name that journald would reject (names are normalised, see `field_name`).
@@ -22,17 +23,16 @@ send a field name that journald would reject (names are normalised, see `field_n
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import logging
 import os
 import re
-import select
 import socket
 import sys
 import threading
-import time
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+
+from kflashd.dgram import DatagramSender
 
 #: Where journald listens for native-protocol datagrams, unless KFLASHD_JOURNAL_SOCKET says
 #: otherwise (tests point it at a namespaced journald).
@@ -152,13 +152,22 @@ class JournalSender:
     def __init__(self, socket_path: Optional[str] = None, stream: Any = None, max_wait: float = 0.25) -> None:
         self._socket_path = socket_path
         self._stream = stream  # None: sys.stderr at the time of writing (pytest's capsys swaps it)
-        self.max_wait = max_wait
+        # The socket, the bounded wait on a full queue, the congested flag and the reconnect
+        # live in DatagramSender; the address is looked up at every send (see socket_path).
+        self._dgram = DatagramSender(lambda: self.socket_path, max_wait, on_too_big=_send_memfd)
+        # Serialises the stderr fallback (and its count) between the loop and the worker.
         self._lock = threading.Lock()
-        self._sock: Optional[socket.socket] = None
-        self._sock_path: Optional[str] = None
-        self._congested = False
         #: Entries that went to stderr instead of the journal (for tests and STATUS).
         self.fallbacks = 0
+
+    @property
+    def max_wait(self) -> float:
+        """Longest wait, in seconds, for room in journald's full queue before going to stderr."""
+        return self._dgram.max_wait
+
+    @max_wait.setter
+    def max_wait(self, seconds: float) -> None:
+        self._dgram.max_wait = seconds
 
     @property
     def socket_path(self) -> str:
@@ -191,87 +200,11 @@ class JournalSender:
         entry.extend(extra.items())
         payload = encode_entry(entry)
         try:
-            with self._lock:
-                self._send_locked(payload)
+            self._dgram.send(payload)
             return True
         except OSError:
             self._write_stderr(message, priority)
             return False
-
-    def _connect_locked(self, path: str) -> socket.socket:
-        # A connected socket lets poll() wait for room in journald's queue (see _send_locked).
-        if self._sock is not None and self._sock_path != path:
-            self._drop_socket_locked()
-        if self._sock is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            try:
-                sock.connect(path)
-            except OSError:
-                sock.close()
-                raise
-            self._sock, self._sock_path = sock, path
-        return self._sock
-
-    def _drop_socket_locked(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-        self._sock, self._sock_path = None, None
-
-    def _send_locked(self, payload: bytes) -> None:
-        path = self.socket_path
-        try:
-            self._send_once_locked(self._connect_locked(path), payload)
-        except OSError as e:
-            if e.errno not in (errno.ECONNREFUSED, errno.ENOTCONN, errno.ENOENT):
-                raise
-            # journald restarted since we connected: the old peer is gone. Reconnect once.
-            self._drop_socket_locked()
-            self._send_once_locked(self._connect_locked(path), payload)
-
-    def _send_once_locked(self, sock: socket.socket, payload: bytes) -> None:
-        # Non-blocking send. If journald's queue is full (EAGAIN; the kernel default queue is
-        # only 10 datagrams deep when systemd's sysctl is not applied), wait for room with
-        # poll() for at most max_wait seconds, then give up to stderr. After one such
-        # give-up we stop waiting until a send succeeds again, so a stuck journald costs the
-        # caller max_wait once, not on every message.
-        deadline = time.monotonic() + (0.0 if self._congested else self.max_wait)
-        while True:
-            try:
-                sock.send(payload, socket.MSG_DONTWAIT)
-                self._congested = False
-                return
-            except OSError as e:
-                if e.errno in (errno.EMSGSIZE, errno.ENOBUFS):
-                    self._send_memfd_locked(sock, payload)
-                    return
-                if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
-                    raise
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    self._congested = True
-                    raise
-                poller = select.poll()
-                poller.register(sock.fileno(), select.POLLOUT)
-                poller.poll(max(1, int(remaining * 1000)))
-
-    def _send_memfd_locked(self, sock: socket.socket, payload: bytes) -> None:
-        # journald only trusts a memfd that is sealed against change (otherwise it would have
-        # to check where an ordinary file lives), so seal it before passing it on.
-        fd = os.memfd_create("kflashd-journal", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        try:
-            view = memoryview(payload)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            fcntl.fcntl(
-                fd,
-                fcntl.F_ADD_SEALS,
-                fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL,
-            )
-            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd.to_bytes(4, sys.byteorder))]
-            sock.sendmsg([], rights, socket.MSG_DONTWAIT)
-        finally:
-            os.close(fd)
 
     def _write_stderr(self, message: str, priority: int) -> None:
         # Each line gets the prefix: systemd's stream capture assigns a priority per line,
@@ -289,8 +222,30 @@ class JournalSender:
             pass  # stderr closed: there is nowhere left to tell
 
     def close(self) -> None:
-        with self._lock:
-            self._drop_socket_locked()
+        self._dgram.close()
+
+
+def _send_memfd(sock: socket.socket, payload: bytes) -> None:
+    """Pass an entry too large for one datagram (EMSGSIZE/ENOBUFS) as a sealed memfd.
+
+    journald only trusts a memfd that is sealed against change (otherwise it would have to
+    check where an ordinary file lives), so it is sealed before it is passed on.
+    """
+    fd = os.memfd_create("kflashd-journal", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(payload)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        fcntl.fcntl(
+            fd,
+            fcntl.F_ADD_SEALS,
+            fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL,
+        )
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd.to_bytes(4, sys.byteorder))]
+        sock.sendmsg([], rights, socket.MSG_DONTWAIT)
+    finally:
+        os.close(fd)
 
 
 _default_sender = JournalSender()
