@@ -95,7 +95,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.command == "config":
             return show_config(config, args.json)
-        with ControlClient(config.control_socket) as client:
+        with ControlClient(config.control_socket, group=config.group) as client:
             if args.command == "queue":
                 return queue(client, config, args)
             if args.command == "cancel":
@@ -145,15 +145,17 @@ def read_image(path: str, max_size: int) -> bytes:
     if os.path.isdir(path):
         raise BadInput(f"{path} is a directory; give the image file, e.g. {os.path.join(path, 'out', 'klipper.bin')}")
     try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            # A FIFO would block waiting for a writer, /dev/zero would never end.
-            raise BadInput(f"{path} is not a regular file; give the firmware image, e.g. ~/klipper/out/klipper.bin")
-        size = st.st_size
-        if size > max_size:
-            raise BadInput(f"{path} is {size} bytes, more than max_image_size ({max_size}): not a firmware image?")
-        with open(path, "rb") as f:
-            data = f.read()
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; the type is then checked on
+        # what was opened, and at most max_size + 1 bytes are read whatever the file claims.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                # A FIFO would block waiting for a writer, /dev/zero would never end.
+                raise BadInput(f"{path} is not a regular file; give the firmware image, e.g. ~/klipper/out/klipper.bin")
+            data = f.read(max_size + 1)
+        if len(data) > max_size:
+            raise BadInput(f"{path} is more than max_image_size ({max_size}) bytes: not a firmware image?")
     except FileNotFoundError:
         raise BadInput(f"{path}: no such file (build the firmware with `make` in your Klipper tree first)") from None
     except PermissionError:
@@ -201,7 +203,7 @@ def watch(config, job_id: str, out: TextIO = sys.stdout) -> int:
     tty = out.isatty()
     bar_shown = False
     last_plain = None  # (phase, quarter) of the last plain line: a log gets steps, not every percent
-    with ControlClient(config.control_socket, timeout=None) as client:
+    with ControlClient(config.control_socket, timeout=None, group=config.group) as client:
         first = checked(client.request({"cmd": "watch", "job": job_id}))
         label = first["job"]["board_name"] or first["job"]["serial"]
         if first["job"]["state"] == "queued":

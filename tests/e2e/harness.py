@@ -153,6 +153,8 @@ class KflashdProcess:
 
     def ctl(self, *args: str, timeout: float = 60, user: Optional[str] = None) -> subprocess.CompletedProcess:
         env = {k: v for k, v in self.env.items() if k not in ("LD_PRELOAD", "UMOCKDEV_DIR", "NOTIFY_SOCKET")}
+        # As another user: that user's own group and no supplementary ones (not root's).
+        as_user = {} if user is None else {"user": user, "group": _primary_group(user), "extra_groups": []}
         return subprocess.run(
             [PYTHON, "-m", "kflashd.ctl", "--config", str(self.config_path), *args],
             env=env,
@@ -160,7 +162,7 @@ class KflashdProcess:
             text=True,
             timeout=timeout,
             cwd=str(REPO),
-            user=user,
+            **as_user,
         )
 
     def ctl_popen(self, *args: str) -> subprocess.Popen:
@@ -202,6 +204,12 @@ class KflashdProcess:
         self.printer_state.write_text(
             json.dumps({"print_stats": print_stats, "idle_timeout": idle_timeout, "hang": hang})
         )
+
+
+def _primary_group(user: str) -> int:
+    import pwd
+
+    return pwd.getpwnam(user).pw_gid
 
 
 def _test_group() -> str:
