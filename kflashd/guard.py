@@ -75,12 +75,34 @@ def query_objects(api_socket: str, objects: Dict[str, Optional[List[str]]], time
     that is not a proper reply within `timeout` seconds (one deadline for connect, send
     and receive together).
     """
+    result = _request(api_socket, "objects/query", {"objects": objects}, timeout)
+    status = result.get("status")
+    if not isinstance(status, dict):
+        raise ApiError(f"Klipper's API socket {api_socket} sent a reply without a status")
+    return status
+
+
+def list_objects(api_socket: str, timeout: float = DEFAULT_TIMEOUT) -> List[str]:
+    """Klipper's `objects/list`: the names of the loaded objects that have a status.
+
+    Needed because object names keep the case of printer.cfg's section ("mcu EBB") while
+    configfile's settings are lower-cased ("mcu ebb"), and objects/query matches names
+    exactly (klippy/webhooks.py QueryStatusHelper._handle_list lists
+    printer.lookup_objects(); klippy/mcu.py add_printer_objects() adds s.section as is).
+    """
+    result = _request(api_socket, "objects/list", {}, timeout)
+    names = result.get("objects")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ApiError(f"Klipper's API socket {api_socket} sent a reply without an object list")
+    return names
+
+
+def _request(api_socket: str, method: str, params: Dict[str, Any], timeout: float) -> Dict[str, Any]:
+    """Send one request and return its "result" (a dict); errors as query_objects says."""
     if not os.path.exists(api_socket):
         raise ApiSocketMissing(f"no Klipper API socket at {api_socket}")
     request_id = random.randint(1, 2**31 - 1)
-    request = json.dumps(
-        {"id": request_id, "method": "objects/query", "params": {"objects": objects}}
-    ).encode() + ETX
+    request = json.dumps({"id": request_id, "method": method, "params": params}).encode() + ETX
     deadline = time.monotonic() + timeout
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
@@ -104,10 +126,9 @@ def query_objects(api_socket: str, objects: Dict[str, Optional[List[str]]], time
         message = error.get("message") if isinstance(error, dict) else error
         raise ApiError(f"Klipper's API socket {api_socket} replied with an error: {message}")
     result = reply.get("result")
-    status = result.get("status") if isinstance(result, dict) else None
-    if not isinstance(status, dict):
-        raise ApiError(f"Klipper's API socket {api_socket} sent a reply without a status")
-    return status
+    if not isinstance(result, dict):
+        raise ApiError(f"Klipper's API socket {api_socket} sent a reply without a result")
+    return result
 
 
 def _read_reply(sock: socket.socket, request_id: int, deadline: float) -> Dict[str, Any]:
@@ -188,6 +209,116 @@ def query_mcu_version(api_socket: str, timeout: float = DEFAULT_TIMEOUT, mcu_obj
     except ApiError:
         return None
     mcu = status.get(mcu_object)
+    version = mcu.get("mcu_version") if isinstance(mcu, dict) else None
+    if isinstance(version, str) and version:
+        return version
+    return None
+
+
+# ---------------------------------------------------------------- which MCU is the board --
+#
+# Klipper facts this relies on (Klipper3d/klipper, master of 2026-08):
+# - klippy/mcu.py add_printer_objects(): the object for [mcu] is "mcu", every [mcu NAME]
+#   section becomes an object named exactly like the section ("mcu EBB"); MCU.get_status()
+#   returns MCUStatsHelper's _get_status_info, where _mcu_identify() sets "mcu_version"
+#   once the MCU is connected (before that the object's status is {}).
+# - klippy/mcu.py MCUConnectHelper.__init__(): config.get('canbus_uuid', None), and only
+#   without it config.get('serial'): a CAN node has no serial path.
+# - klippy/configfile.py ConfigValidate._build_status_settings() / get_status(): the
+#   configfile object's "settings" maps the lower-cased section name to {lower-cased option:
+#   parsed value} for every option Klipper read (e.g. settings["mcu ebb"]["serial"]).
+# - klippy/webhooks.py QueryStatusHelper._handle_list(): objects/list answers
+#   {"objects": [names of the objects with a get_status]}.
+
+#: Serial paths that cannot be a USB board kflashd flashes: the Linux host MCU process and
+#: the remoteproc channel (klippy/mcu.py treats both specially when reading `serial`).
+_NOT_USB_SERIAL_PREFIXES = ("/tmp/klipper_host_", "/dev/rpmsg_")
+_BY_ID_DIR = "/dev/serial/by-id/"
+_BY_PATH_DIR = "/dev/serial/by-path/"
+
+
+def _is_mcu_object(name: str) -> bool:
+    return name == "mcu" or name.startswith("mcu ")
+
+
+def mcu_section_is_board(section: Any, serial: str, by_path: Optional[str] = None) -> Optional[bool]:
+    """Is the MCU configured by this configfile settings section the board `serial`?
+
+    True: its serial path names the board (a by-id name carrying the USB serial, or the
+    board's by-path link). False: it certainly is something else (a by-id name of another
+    serial, another USB port's by-path, a CAN node, the host MCU). None: cannot tell
+    (/dev/ttyACM0, a custom udev link, no settings yet). Only True may be used to read a
+    version: a wrong answer would "confirm" a flash from another board running the same
+    Klipper build, which is the common case on a printer with a toolhead board.
+    """
+    if not isinstance(section, dict):
+        return None
+    if section.get("canbus_uuid"):
+        return False  # a CAN node's identity is its UUID; kflashd flashes USB boards
+    path = section.get("serial")
+    if not isinstance(path, str) or not path:
+        return None
+    if path.startswith(_NOT_USB_SERIAL_PREFIXES):
+        return False
+    if path.startswith(_BY_ID_DIR):
+        # udev's by-id name is usb-<vendor>_<product>_<serial>-if<NN>: the serial ends
+        # right before "-if". Matching that whole piece keeps "12345" from matching "012345".
+        name = path[len(_BY_ID_DIR):]
+        return bool(serial) and f"_{serial}-if" in name
+    if path.startswith(_BY_PATH_DIR):
+        if not by_path:
+            return None
+        return path == by_path
+    return None
+
+
+def pick_mcu_object(names: List[str], settings: Any, serial: str, by_path: Optional[str] = None) -> Optional[str]:
+    """The Klipper object ("mcu" or "mcu NAME") for the board `serial`, or None.
+
+    `names` is objects/list's answer, `settings` configfile's settings. Exactly one MCU
+    section must name the board; two naming it (a copy-pasted serial) is not guessed
+    between. When no section names it, the main "mcu" is taken only if it is the only MCU
+    configured and its serial path says nothing either way (e.g. /dev/ttyACM0): that is
+    the single-board printer, where there is nothing else to mistake it for.
+    """
+    mcus = [n for n in names if _is_mcu_object(n)]
+    if not isinstance(settings, dict):
+        settings = {}
+    verdicts = {n: mcu_section_is_board(settings.get(n.lower()), serial, by_path) for n in mcus}
+    matches = [n for n, verdict in verdicts.items() if verdict]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches and mcus == ["mcu"] and verdicts["mcu"] is None:
+        return "mcu"
+    return None
+
+
+def query_mcu_version_for(api_socket: str, serial: str, by_path: Optional[str] = None,
+                          timeout: float = DEFAULT_TIMEOUT) -> Optional[str]:
+    """The firmware version Klipper reports for the MCU that is the board `serial`, or None.
+
+    Two requests within one `timeout`: objects/list for the MCU objects' exact names, then
+    one objects/query for configfile's settings and every MCU's mcu_version together (so
+    the mapping and the versions come from the same moment). None covers every way of not
+    knowing, including "this board is not one Klipper's config names" (see pick_mcu_object):
+    callers poll until a deadline and never get another board's version.
+    """
+    deadline = time.monotonic() + timeout
+    try:
+        mcus = [n for n in list_objects(api_socket, timeout) if _is_mcu_object(n)]
+        if not mcus:
+            return None  # Klipper still loading its config
+        query: Dict[str, Optional[List[str]]] = {"configfile": ["settings"]}
+        query.update({n: ["mcu_version"] for n in mcus})
+        status = query_objects(api_socket, query, max(deadline - time.monotonic(), 0.001))
+    except ApiError:
+        return None
+    configfile = status.get("configfile")
+    settings = configfile.get("settings") if isinstance(configfile, dict) else None
+    name = pick_mcu_object(mcus, settings, serial, by_path)
+    if name is None:
+        return None
+    mcu = status.get(name)
     version = mcu.get("mcu_version") if isinstance(mcu, dict) else None
     if isinstance(version, str) and version:
         return version

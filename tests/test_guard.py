@@ -14,7 +14,17 @@ from typing import Callable, List, Optional
 
 import pytest
 
-from kflashd.guard import GuardVerdict, check_printer_idle, query_mcu_version, query_objects, ApiError
+from kflashd.guard import (
+    ApiError,
+    GuardVerdict,
+    check_printer_idle,
+    list_objects,
+    mcu_section_is_board,
+    pick_mcu_object,
+    query_mcu_version,
+    query_mcu_version_for,
+    query_objects,
+)
 
 # What the handler returns: a reply dict (answered with the request's id), raw bytes (sent
 # as they are), HANG (say nothing, keep the connection open) or CLOSE (hang up).
@@ -301,3 +311,169 @@ def test_query_objects_raises_api_error(klippy):
     server = klippy(lambda request: {"error": {"error": "WebRequestError", "message": "nope"}})
     with pytest.raises(ApiError, match="nope"):
         query_objects(server.path, {"toolhead": None})
+
+
+# ---------------------------------------------------------------- mcu version of one board --
+
+MAIN_SN = "3A0029000851313433383932"
+EBB_SN = "E6616407E3246B29"
+MAIN_BY_ID = f"/dev/serial/by-id/usb-Klipper_stm32f446xx_{MAIN_SN}-if00"
+EBB_BY_ID = f"/dev/serial/by-id/usb-Klipper_rp2040_{EBB_SN}-if00"
+EBB_BY_PATH = "/dev/serial/by-path/platform-xhci-hcd.0-usb-0:1.3:1.0"
+
+
+def printer(mcus: dict, versions: dict, extra_objects=("webhooks", "toolhead")):
+    """A handler answering objects/list and objects/query like a Klipper with these MCUs.
+
+    `mcus`: object name (as in printer.cfg, e.g. "mcu EBB") -> its settings section;
+    `versions`: object name -> mcu_version (absent: not connected yet, status {}).
+    Shapes as klippy/webhooks.py and klippy/configfile.py produce them.
+    """
+
+    def handler(request):
+        if request["method"] == "objects/list":
+            return {"result": {"objects": list(extra_objects) + ["configfile"] + list(mcus)}}
+        assert request["method"] == "objects/query"
+        objects = {"configfile": {"settings": {name.lower(): dict(section) for name, section in mcus.items()},
+                                  "config": {}, "warnings": []}}
+        for name in mcus:
+            objects[name] = {"mcu_version": versions[name], "mcu_build_versions": ""} if name in versions else {}
+        status = {}
+        for name, fields in request["params"]["objects"].items():
+            obj = objects.get(name, {})
+            status[name] = {k: v for k, v in obj.items() if not fields or k in fields}
+        return status_reply(status)
+
+    return handler
+
+
+TWO_MCUS = {"mcu": {"serial": MAIN_BY_ID, "baud": 250000}, "mcu EBB": {"serial": EBB_BY_ID, "restart_method": "command"}}
+TWO_VERSIONS = {"mcu": "v0.13.0-1-gmain", "mcu EBB": "v0.13.0-2-gebb"}
+
+
+def test_toolhead_board_is_asked_by_its_own_mcu_object(klippy):
+    server = klippy(printer(TWO_MCUS, TWO_VERSIONS))
+    assert query_mcu_version_for(server.path, EBB_SN) == "v0.13.0-2-gebb"
+    assert query_mcu_version_for(server.path, MAIN_SN) == "v0.13.0-1-gmain"
+    # what it asked: the object list, then configfile settings and every MCU in one query
+    first, second = (json.loads(raw) for raw in server.requests[:2])
+    assert first["method"] == "objects/list"
+    assert second["method"] == "objects/query"
+    assert second["params"]["objects"] == {"configfile": ["settings"], "mcu": ["mcu_version"],
+                                           "mcu EBB": ["mcu_version"]}
+
+
+def test_unconnected_toolhead_is_not_answered_with_the_main_version(klippy):
+    # Klipper up, main MCU connected, the toolhead not yet: no answer, never the main's.
+    server = klippy(printer(TWO_MCUS, {"mcu": "v0.13.0-1-gmain"}))
+    assert query_mcu_version_for(server.path, EBB_SN) is None
+    assert query_mcu_version_for(server.path, MAIN_SN) == "v0.13.0-1-gmain"
+
+
+def test_board_no_mcu_names_gets_no_version(klippy):
+    server = klippy(printer(TWO_MCUS, TWO_VERSIONS))
+    assert query_mcu_version_for(server.path, "0123456789ABCDEF") is None
+
+
+def test_serial_must_be_the_whole_serial_of_the_by_id_name(klippy):
+    server = klippy(printer({"mcu": {"serial": "/dev/serial/by-id/usb-Klipper_stm32f103xe_012345-if00"}},
+                            {"mcu": "v1"}))
+    assert query_mcu_version_for(server.path, "12345") is None  # lone MCU, but certainly another board
+    assert query_mcu_version_for(server.path, "012345") == "v1"
+
+
+def test_by_path_serial_matches_the_boards_port(klippy):
+    mcus = {"mcu": {"serial": MAIN_BY_ID}, "mcu EBB": {"serial": EBB_BY_PATH}}
+    server = klippy(printer(mcus, TWO_VERSIONS))
+    assert query_mcu_version_for(server.path, EBB_SN, by_path=EBB_BY_PATH) == "v0.13.0-2-gebb"
+    assert query_mcu_version_for(server.path, EBB_SN, by_path=EBB_BY_PATH.replace("1.3", "1.4")) is None
+    assert query_mcu_version_for(server.path, EBB_SN) is None  # port unknown: cannot tell
+
+
+def test_single_mcu_on_a_plain_tty_is_the_fallback(klippy):
+    server = klippy(printer({"mcu": {"serial": "/dev/ttyACM0"}}, {"mcu": "v0.13.0-7"}))
+    assert query_mcu_version_for(server.path, MAIN_SN) == "v0.13.0-7"
+
+
+def test_plain_tty_with_two_mcus_is_not_guessed(klippy):
+    mcus = {"mcu": {"serial": "/dev/ttyACM0"}, "mcu EBB": {"serial": "/dev/ttyACM1"}}
+    server = klippy(printer(mcus, TWO_VERSIONS))
+    assert query_mcu_version_for(server.path, EBB_SN) is None
+    assert query_mcu_version_for(server.path, MAIN_SN) is None
+
+
+def test_klipper_still_loading_has_no_version(klippy):
+    server = klippy(printer({}, {}))  # objects/list without any mcu yet
+    assert query_mcu_version_for(server.path, MAIN_SN) is None
+    assert len(server.requests) == 1  # nothing more to ask
+
+
+@pytest.mark.parametrize("reply", [HANG, {"error": {"error": "WebRequestError", "message": "Klippy Disconnected"}},
+                                   {"result": {"nope": 1}}, {"result": {"objects": "mcu"}}])
+def test_unanswered_object_list_means_no_version(klippy, reply):
+    server = klippy(lambda request: reply)
+    assert query_mcu_version_for(server.path, MAIN_SN, timeout=0.3) is None
+
+
+def test_query_mcu_version_for_without_socket(tmp_path):
+    assert query_mcu_version_for(str(tmp_path / "nope.sock"), MAIN_SN) is None
+
+
+def test_one_deadline_for_both_requests(klippy):
+    def handler(request):
+        if request["method"] == "objects/list":
+            time.sleep(0.25)  # a slow Klipper (simulated), not a wait for a condition
+            return {"result": {"objects": ["mcu"]}}
+        return HANG
+
+    server = klippy(handler)
+    started = time.monotonic()
+    assert query_mcu_version_for(server.path, MAIN_SN, timeout=0.4) is None
+    assert time.monotonic() - started < 0.4 + 0.3
+
+
+def test_list_objects(klippy):
+    server = klippy(lambda request: {"result": {"objects": ["webhooks", "mcu", "mcu EBB"]}})
+    assert list_objects(server.path) == ["webhooks", "mcu", "mcu EBB"]
+    assert json.loads(server.requests[0])["method"] == "objects/list"
+    bad = klippy(lambda request: {"result": {"objects": [1, 2]}})
+    with pytest.raises(ApiError, match="without an object list"):
+        list_objects(bad.path)
+
+
+@pytest.mark.parametrize(
+    "section, by_path, verdict",
+    [
+        ({"serial": MAIN_BY_ID}, None, True),
+        ({"serial": EBB_BY_ID}, None, False),
+        ({"serial": EBB_BY_PATH}, EBB_BY_PATH, True),
+        ({"serial": EBB_BY_PATH}, "/dev/serial/by-path/platform-xhci-hcd.0-usb-0:1.4:1.0", False),
+        ({"serial": EBB_BY_PATH}, None, None),
+        ({"serial": "/dev/ttyACM0"}, None, None),
+        ({"serial": "/dev/printer-main"}, None, None),  # a custom udev link: cannot tell by name
+        ({"serial": "/tmp/klipper_host_mcu"}, None, False),
+        ({"serial": "/dev/rpmsg_0"}, None, False),
+        ({"canbus_uuid": "11aa22bb33cc", "canbus_interface": "can0"}, None, False),
+        ({}, None, None),
+        (None, None, None),
+        ({"serial": 5}, None, None),
+    ],
+)
+def test_mcu_section_is_board(section, by_path, verdict):
+    assert mcu_section_is_board(section, MAIN_SN, by_path) is verdict
+
+
+def test_pick_mcu_object_rules():
+    settings = {"mcu": {"serial": MAIN_BY_ID}, "mcu ebb": {"serial": EBB_BY_ID}, "mcu rpi": {"serial": "/tmp/klipper_host_mcu"}}
+    names = ["webhooks", "mcu", "mcu EBB", "mcu rpi", "mcu_temperature x"]
+    assert pick_mcu_object(names, settings, EBB_SN) == "mcu EBB"  # the name keeps printer.cfg's case
+    assert pick_mcu_object(names, settings, MAIN_SN) == "mcu"
+    # the same serial in two sections: a misconfiguration, not guessed between
+    twice = dict(settings, **{"mcu ebb": {"serial": MAIN_BY_ID}})
+    assert pick_mcu_object(names, twice, MAIN_SN) is None
+    # no settings yet: only a lone main MCU is taken
+    assert pick_mcu_object(["mcu"], None, MAIN_SN) == "mcu"
+    assert pick_mcu_object(["mcu", "mcu EBB"], {}, MAIN_SN) is None
+    # a lone MCU that is certainly another board is not taken
+    assert pick_mcu_object(["mcu"], {"mcu": {"serial": EBB_BY_ID}}, MAIN_SN) is None
+    assert pick_mcu_object(["webhooks"], settings, MAIN_SN) is None
