@@ -79,6 +79,7 @@ from tests.farm.images import make_image
 from tests.standins.fixtures import FLASHTOOL, Standins
 from tests.support.journald import Journald
 from tests.support.notify_listener import NotifyListener
+from tests.support.wait import wait_until
 
 MCU = "stm32f446xx"
 CYCLE_IMAGE_SIZE = 8 * 1024
@@ -138,14 +139,11 @@ def summary_ms(values: List[float]) -> Dict[str, float]:
 
 
 def poll(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.002) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
+    """Wait for a condition (2 ms polls: the figures are in milliseconds)."""
+    try:
+        return wait_until(predicate, timeout, what, interval)
+    except AssertionError as e:
+        raise BenchError(str(e)) from None
 
 
 # ------------------------------------------------------------------------ the rig ------

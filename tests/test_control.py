@@ -28,6 +28,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import pytest
 
+from tests.support.wait import wait_until
+
 from kflashd.control import (
     MAX_CONNECTIONS,
     ControlClient,
@@ -41,17 +43,6 @@ from kflashd.reactor import Reactor
 REPO = Path(__file__).resolve().parents[1]
 NOBODY = pwd.getpwnam("nobody")
 ROOT_GROUP = grp.getgrgid(os.getgid()).gr_name
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 class Server:
