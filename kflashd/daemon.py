@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional
 
-from . import __version__, journal
+from . import __version__, firmware, journal
 from .config import Config, load_config
 from .control import Connection, ControlServer, Reply, Request, error_reply
 from .cycle import BUSY, DONE, FAILED, INTERRUPTED, PHASE_STOPPING, CycleHost, FlashCycle, Outcome
@@ -572,6 +572,17 @@ class Daemon(CycleHost):
             )
         if hashlib.sha256(image).hexdigest() != sha256:
             return error_reply("rejected", "the image's sha256 does not match: transfer damaged")
+        # The client's word on the MCU is checked against the bytes themselves: a Klipper
+        # build embeds its data dictionary (with config.MCU) in klipper.bin.
+        embedded = firmware.info_from_image(image)
+        if embedded.mcu and image_mcu and embedded.mcu.lower() != image_mcu.lower() and not force:
+            return error_reply(
+                "mismatch",
+                f"the image says it is built for {embedded.mcu}, but its klipper.dict says "
+                f"{image_mcu}: a stale klipper.dict? rebuild, or queue again with --force",
+            )
+        image_mcu = embedded.mcu or image_mcu
+        image_version = embedded.version or image_version
         serial, name, board, warnings = self._resolve_selector(selector)
         if board is not None and not force:
             probe = Job(

@@ -280,3 +280,23 @@ def test_cancel_a_queued_job_and_its_waiter_learns_it(make_daemon):
     again = daemon.ctl("cancel", second)
     assert again.returncode == 2 and "already cancelled" in again.stderr
     assert daemon.ctl("cancel", "../../etc").returncode == 2
+
+
+def test_daemon_reads_the_mcu_from_the_bytes_not_the_clients_word(make_daemon, farm):
+    """A client that says nothing (or the wrong thing) about the MCU cannot get past the check."""
+    import base64
+    import hashlib
+
+    from kflashd.control import ControlClient
+
+    farm.add_board(serial=SERIAL, mcu=MCU, mode="katapult")
+    daemon = make_daemon()
+    rp = make_image(mcu="rp2040", version="v-rp", size=3000, seed=5)
+    request = {"cmd": "queue", "board": SERIAL, "image": base64.b64encode(rp).decode(),
+               "sha256": hashlib.sha256(rp).hexdigest()}
+    with ControlClient(str(daemon.control_socket)) as client:
+        silent = client.request(request)
+        lying = client.request(dict(request, mcu=MCU))
+    assert silent["ok"] is False and "built for rp2040 but the board is stm32f446xx" in silent["error"]
+    assert lying["ok"] is False and "klipper.dict says stm32f446xx" in lying["error"]
+    assert daemon.ctl_json("list") == []
