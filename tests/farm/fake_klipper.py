@@ -9,13 +9,27 @@ and SIGTERMed by ``systemctl stop klipper``. While it runs it:
   another process's /proc/*/fd: "Serial device ... in use");
 - asks each Klipper-mode board which firmware it runs (``tests.farm.klipper_app``'s
   identify line) and reports that as ``mcu.mcu_version``;
-- serves ``objects/query`` and ``info`` on a UNIX stream socket, JSON messages terminated
-  by 0x03 (reference katapult-protocol.md "API socket"); a request without ``id`` gets no
-  reply; errors as Klipper's webhooks formats them.
+- serves ``objects/query``, ``objects/list`` and ``info`` on a UNIX stream socket, JSON
+  messages terminated by 0x03 (reference katapult-protocol.md "API socket"); a request
+  without ``id`` gets no reply; errors as Klipper's webhooks formats them.
 
 The printer's state comes from a small JSON file, re-read per request, e.g.
 ``{"print_stats": "printing", "idle_timeout": "Printing", "hang": false}``; ``hang`` makes
 the socket accept and read but never answer. SIGTERM removes the socket and exits 0.
+
+Which MCUs "printer.cfg" configures: by default one ``[mcu]``, the Klipper-mode board with
+the lowest serial that has answered, its ``serial`` its by-id link. A ``"mcus"`` key maps
+Klipper object names to boards instead, as a printer with a toolhead board has them::
+
+    "mcus": {"mcu": "3A0029000851313433383932", "mcu EBB": "E6616407E3246B29"}
+
+A value is a board serial (the section's ``serial`` is then that board's Klipper-mode
+by-id link) or a dict: ``{"serial": SN, "path": "/dev/ttyACM0"}`` (``path`` is what the
+section's ``serial`` says; a board is found by ``serial``, else by ``path`` among its
+links) or ``{"serial": SN, "canbus_uuid": "11aa22bb33cc"}``. Every configured MCU is an
+object (``{}`` until its board runs Klipper and answered), ``configfile.settings`` holds
+the sections as klippy/configfile.py does (lower-cased names), and ``webhooks`` is "ready"
+only when every configured MCU answered (Klipper connects to all of them).
 """
 from __future__ import annotations
 
@@ -47,11 +61,13 @@ MESSAGE_END = b"\x03"
 class HeldPort:
     """One board tty this fake Klipper keeps open."""
 
-    def __init__(self, node: str, fd: int, mode: str, serial: str) -> None:
+    def __init__(self, node: str, fd: int, mode: str, serial: str, model: str = "", links: Optional[List[str]] = None) -> None:
         self.node = node
         self.fd = fd
         self.mode = mode
         self.serial = serial
+        self.model = model  # USB product string: the MCU, e.g. "stm32f446xx"
+        self.links = links or []  # udev DEVLINKS: by-id and by-path
         self.version: Optional[str] = None
         self.buf = b""
         self.last_query = 0.0
@@ -63,6 +79,7 @@ class FakeKlipper:
         self.state_file = state_file
         self.log_file = open(log_file, "a") if log_file else sys.stderr
         self.held: Dict[str, HeldPort] = {}
+        self.models: Dict[str, str] = {}  # serial -> MCU name, remembered across modes
         self.clients: Dict[int, Dict[str, Any]] = {}
         self.context = pyudev.Context()
         self.monitor = pyudev.Monitor.from_netlink(self.context)
@@ -106,7 +123,10 @@ class FakeKlipper:
             except OSError:
                 pass
             mode = "klipper" if dev.properties.get("ID_MODEL_ID") == KLIPPER_USB_ID[1] else "katapult"
-            port = HeldPort(node, fd, mode, dev.properties.get("ID_SERIAL_SHORT", ""))
+            port = HeldPort(node, fd, mode, dev.properties.get("ID_SERIAL_SHORT", ""),
+                            dev.properties.get("ID_MODEL", ""), dev.properties.get("DEVLINKS", "").split())
+            if port.model:
+                self.models[port.serial] = port.model
             self.held[node] = port
             self.log(f"holding {node} ({mode}, serial {port.serial})")
         now = time.monotonic()
@@ -164,9 +184,40 @@ class FakeKlipper:
             state = {}
         return state if isinstance(state, dict) else {}
 
+    def klipper_by_id(self, serial: str) -> str:
+        """The board's by-id link in Klipper mode, as printer.cfg would name it."""
+        return f"/dev/serial/by-id/usb-Klipper_{self.models.get(serial, 'unknown')}_{serial}-if00"
+
+    def configured_mcus(self, state: Dict[str, Any]) -> List[Dict[str, Any]]:
+        """[{name, section (configfile settings), port (running board or None)}] per MCU."""
+        mapping = state.get("mcus")
+        if not isinstance(mapping, dict):
+            main = self.main_mcu()
+            if main is None:
+                return []
+            return [{"name": "mcu", "section": {"serial": self.klipper_by_id(main.serial), "baud": 250000,
+                                                 "restart_method": "command"}, "port": main}]
+        running = [p for p in self.held.values() if p.mode == "klipper" and p.version]
+        mcus = []
+        for name, spec in mapping.items():
+            if not isinstance(spec, dict):
+                spec = {"serial": str(spec)}
+            serial, path = spec.get("serial"), spec.get("path")
+            if spec.get("canbus_uuid"):
+                section: Dict[str, Any] = {"canbus_uuid": spec["canbus_uuid"], "canbus_interface": "can0"}
+            else:
+                section = {"serial": path or self.klipper_by_id(str(serial)), "baud": 250000,
+                           "restart_method": "command"}
+            if serial:
+                port = next((p for p in running if p.serial == serial), None)
+            else:
+                port = next((p for p in running if path in p.links or path == p.node), None)
+            mcus.append({"name": str(name), "section": section, "port": port})
+        return mcus
+
     def objects(self, state: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
-        mcu = self.main_mcu()
-        ready = mcu is not None
+        mcus = self.configured_mcus(state)
+        ready = bool(mcus) and all(m["port"] is not None for m in mcus)
         objects: Dict[str, Dict[str, Any]] = {
             "print_stats": {"state": state.get("print_stats", "standby"), "filename": state.get("filename", ""),
                             "print_duration": 0.0, "total_duration": 0.0, "message": ""},
@@ -174,9 +225,12 @@ class FakeKlipper:
             "webhooks": {"state": "ready" if ready else "startup",
                          "state_message": "Printer is ready" if ready else "Printer is not ready"},
         }
-        if mcu is not None:
-            objects["mcu"] = {"mcu_version": mcu.version, "mcu_build_versions": "",
-                              "mcu_constants": {}, "last_stats": {}}
+        for m in mcus:
+            port = m["port"]
+            objects[m["name"]] = {} if port is None else {
+                "mcu_version": port.version, "mcu_build_versions": "", "mcu_constants": {}, "last_stats": {}}
+        objects["configfile"] = {"settings": {m["name"].lower(): m["section"] for m in mcus},
+                                 "config": {}, "warnings": [], "save_config_pending": False}
         for name in state.get("unloaded", []):
             objects.pop(name, None)  # e.g. no [virtual_sdcard]: print_stats is not loaded
         return objects
@@ -209,8 +263,10 @@ class FakeKlipper:
                     obj = objects.get(name, {})
                     status[name] = {k: v for k, v in obj.items() if not fields or k in fields}
                 reply = {"id": req_id, "result": {"eventtime": time.monotonic(), "status": status}}
+        elif method == "objects/list":
+            reply = {"id": req_id, "result": {"objects": list(self.objects(state))}}
         elif method == "info":
-            ready = self.main_mcu() is not None
+            ready = self.objects(state)["webhooks"]["state"] == "ready"
             reply = {"id": req_id, "result": {"state": "ready" if ready else "startup",
                                               "state_message": "Printer is ready" if ready else "Startup",
                                               "app": "Klipper", "software_version": "v0.13.0-farm"}}
