@@ -283,17 +283,24 @@ class FlashCycle:
             pass
 
     def _confirm_version(self) -> None:
-        """Proof of success: Klipper reports the image's version for this MCU (best effort)."""
+        """Proof of success: Klipper reports the image's version for this MCU (best effort).
+
+        "This MCU" is the [mcu] / [mcu NAME] section whose serial names the board just
+        flashed (guard.query_mcu_version_for): a toolhead board is asked for as "mcu EBB",
+        and another board's version (often the same build) never counts as proof.
+        """
         job = self.job
         if not job.image_version:
             return
         deadline = time.monotonic() + max(self.config.timeout_reboot, 2.0)
         version = None
         while time.monotonic() < deadline and not self.abort.is_set():
-            version = guard.query_mcu_version(self.config.klipper_api_socket)
+            version = guard.query_mcu_version_for(
+                self.config.klipper_api_socket, self.board.serial, by_path=self.board.by_path
+            )
             if version == job.image_version:
                 break
-            # The job is done only when this answers: a short poll (one small API query)
+            # The job is done only when this answers: a short poll (two small API queries)
             # ends it soon after Klipper reports the version (0.2 s added ~100 ms a job).
             self.abort.wait(0.05)
         job.mcu_version_after = version
