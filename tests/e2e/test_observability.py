@@ -42,8 +42,8 @@ def test_journal_has_the_whole_story_of_a_job(make_daemon, farm, standins, image
 
 def test_notify_ready_status_watchdog_reload_stopping(make_daemon, farm, standins, notify_socket, tmp_path):
     farm.add_board(serial=SERIAL, mcu=MCU, mode="katapult")
-    farm.set_fault(SERIAL, "slow", bytes_per_second=2000)
-    daemon = make_daemon(watchdog_usec=300_000)
+    farm.set_fault(SERIAL, "slow", bytes_per_second=6000)
+    daemon = make_daemon(watchdog_usec=200_000)
     Printer(standins, daemon).start()
     assert notify_socket.messages[0].startswith("READY=1") or "READY=1" in notify_socket.messages
 
