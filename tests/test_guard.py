@@ -347,7 +347,8 @@ def printer(mcus: dict, versions: dict, extra_objects=("webhooks", "toolhead")):
     return handler
 
 
-TWO_MCUS = {"mcu": {"serial": MAIN_BY_ID, "baud": 250000}, "mcu EBB": {"serial": EBB_BY_ID, "restart_method": "command"}}
+TWO_MCUS = {"mcu": {"serial": MAIN_BY_ID, "baud": 250000},
+            "mcu EBB": {"serial": EBB_BY_ID, "restart_method": "command"}}
 TWO_VERSIONS = {"mcu": "v0.13.0-1-gmain", "mcu EBB": "v0.13.0-2-gebb"}
 
 
@@ -464,7 +465,8 @@ def test_mcu_section_is_board(section, by_path, verdict):
 
 
 def test_pick_mcu_object_rules():
-    settings = {"mcu": {"serial": MAIN_BY_ID}, "mcu ebb": {"serial": EBB_BY_ID}, "mcu rpi": {"serial": "/tmp/klipper_host_mcu"}}
+    settings = {"mcu": {"serial": MAIN_BY_ID}, "mcu ebb": {"serial": EBB_BY_ID},
+                "mcu rpi": {"serial": "/tmp/klipper_host_mcu"}}
     names = ["webhooks", "mcu", "mcu EBB", "mcu rpi", "mcu_temperature x"]
     assert pick_mcu_object(names, settings, EBB_SN) == "mcu EBB"  # the name keeps printer.cfg's case
     assert pick_mcu_object(names, settings, MAIN_SN) == "mcu"

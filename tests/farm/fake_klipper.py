@@ -61,7 +61,8 @@ MESSAGE_END = b"\x03"
 class HeldPort:
     """One board tty this fake Klipper keeps open."""
 
-    def __init__(self, node: str, fd: int, mode: str, serial: str, model: str = "", links: Optional[List[str]] = None) -> None:
+    def __init__(self, node: str, fd: int, mode: str, serial: str, model: str = "",
+                 links: Optional[List[str]] = None) -> None:
         self.node = node
         self.fd = fd
         self.mode = mode
