@@ -87,22 +87,22 @@ class CycleHost:
         raise NotImplementedError
 
 
-def image_matches_board(job: Job, board: Board, config: Config) -> Optional[str]:
-    """Why this image must not go onto this board, or None when it may.
+def image_matches_board(image_mcu: Optional[str], board: Board, config: Config) -> Optional[str]:
+    """Why an image built for `image_mcu` must not go onto this board, or None when it may.
 
     flashtool.py sends COMPLETE even after its own MCU check fails, so this check, done
     before Klipper is touched, is the one that protects the board.
     """
+    if not image_mcu:
+        return None
     expected = [("the board", board.mcu)]
     named = config.board_by_serial(board.serial)
     if named is not None and named.mcu:
         expected.append((f"boards.{named.name}.mcu", named.mcu))
-    if not job.image_mcu:
-        return None
     for what, mcu in expected:
-        if mcu and mcu.lower() != job.image_mcu.lower():
+        if mcu and mcu.lower() != image_mcu.lower():
             return (
-                f"image is built for {job.image_mcu} but {what} is {mcu}: refusing to flash "
+                f"image is built for {image_mcu} but {what} is {mcu}: refusing to flash "
                 f"(queue it again with --force only if you are sure)"
             )
     return None
@@ -141,7 +141,7 @@ class FlashCycle:
     def run(self) -> Outcome:
         job, config = self.job, self.config
         if not job.force:
-            refusal = image_matches_board(job, self.board, config)
+            refusal = image_matches_board(job.image_mcu, self.board, config)
             if refusal:
                 return Outcome(FAILED, refusal)
 

@@ -585,11 +585,7 @@ class Daemon(CycleHost):
         image_version = embedded.version or image_version
         serial, name, board, warnings = self._resolve_selector(selector)
         if board is not None and not force:
-            probe = Job(
-                id="-", selector=selector, serial=serial, board_name=name, image_sha256=sha256,
-                image_size=len(image), created=0.0, image_mcu=image_mcu,
-            )
-            refusal = image_matches_board(probe, board, self.config)
+            refusal = image_matches_board(image_mcu, board, self.config)
             if refusal:
                 return error_reply("mismatch", refusal)
         job = Job(
