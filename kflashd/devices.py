@@ -19,7 +19,7 @@ from .errors import DiscoveryError
 from .models import KATAPULT_USB_ID, KLIPPER_USB_ID, MODE_KATAPULT, MODE_KLIPPER, Board
 
 # by-id names of both modes carry the serial; see katapult-protocol.md "USB identity".
-_BY_ID_RE = re.compile(r"usb-(?:katapult|Klipper)_(?P<mcu>.+)_(?P<serial>[^_]+)-if\d+$")
+_BY_ID_RE = re.compile(r"usb-(?:katapult|Klipper)_(?P<mcu>.+)_(?P<serial>[^_]+)-if\d+")
 
 
 def serial_from_by_id(path: str) -> Optional[str]:
@@ -29,7 +29,7 @@ def serial_from_by_id(path: str) -> Optional[str]:
         # No file name is longer (NAME_MAX), and the regex backtracks quadratically on a
         # long crafted one ("usb-katapult_" * 10000): a client must not stall the loop.
         return None
-    match = _BY_ID_RE.search(name)
+    match = _BY_ID_RE.fullmatch(name)  # anchored at both ends: one start, linear backtracking
     return match.group("serial") if match else None
 
 
