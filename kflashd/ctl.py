@@ -63,9 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     queue = sub.add_parser("queue", help="stage a firmware image for a board",
-                           description="Stage FIRMWARE for BOARD. The klipper.dict beside the image "
-                           "(written by Klipper's build) tells the MCU it was built for; a board of "
-                           "another MCU is refused unless --force.")
+                           description="Stage FIRMWARE for BOARD. The data dictionary that Klipper's build "
+                           "embeds in klipper.bin (or the klipper.dict beside it) tells the MCU it "
+                           "was built for; a board of another MCU is refused unless --force. The "
+                           "board may be plugged in later: the job waits for it.")
     queue.add_argument("board", metavar="BOARD", help="board name, USB serial or /dev/serial/by-id path")
     queue.add_argument("firmware", metavar="FIRMWARE", help="image to flash, e.g. ~/klipper/out/klipper.bin")
     queue.add_argument("--wait", action="store_true", help="follow the job live until it ends; the exit code tells the result")
