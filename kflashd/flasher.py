@@ -190,6 +190,21 @@ def _make_error(result: proc.ProcResult) -> str:
     return root_cause(result.output)
 
 
+def _settled(tool: str, result: proc.ProcResult, log: logging.Logger) -> Optional[Tuple[bool, str, bool]]:
+    """Log a tool's whole output; the verdict when it is plain (success, interrupted), else None.
+
+    The verdict is (success, error message, interrupted), as the method runners return it.
+    """
+    level = logging.INFO if result.ok else logging.WARNING
+    log.log(level, f"{tool} {result.describe_failure() if not result.ok else 'succeeded'}; "
+                   f"output:\n{result.output.replace(chr(0), '')}")
+    if result.ok:
+        return True, "", False
+    if result.aborted:
+        return False, f"flash interrupted: {tool} was stopped (kflashd is stopping)", True
+    return None
+
+
 def _katapult(
     device_path: str,
     firmware_path: str,
@@ -228,13 +243,9 @@ def _katapult(
         return False, f"flashtool.py could not be run: {e}", False
     finally:
         shutil.rmtree(private, ignore_errors=True)
-    level = logging.INFO if result.ok else logging.WARNING
-    log.log(level, f"flashtool.py {result.describe_failure() if not result.ok else 'succeeded'}; "
-                   f"output:\n{result.output.replace(chr(0), '')}")
-    if result.ok:
-        return True, "", False
-    if result.aborted:
-        return False, "flash interrupted: flashtool.py was stopped (kflashd is stopping)", True
+    settled = _settled("flashtool.py", result, log)
+    if settled is not None:
+        return settled
     if not result.timed_out and "Flash Tool Error" not in result.output:
         # Not the tool's own error report: it crashed (killed, an uncaught exception, a dead
         # interpreter). Its stderr says why; stdout may end in a half-drawn "[####" bar.
@@ -311,13 +322,9 @@ def _make_flash(
         result = proc.stream(argv, timeout, on_output, cwd=tree, abort=abort, user=owner)
     except (OSError, KeyError) as e:  # KeyError: the owner uid has no passwd entry
         return False, f"make could not be run as uid {owner}: {e}", False
-    level = logging.INFO if result.ok else logging.WARNING
-    log.log(level, f"make flash {result.describe_failure() if not result.ok else 'succeeded'}; "
-                   f"output:\n{result.output.replace(chr(0), '')}")
-    if result.ok:
-        return True, "", False
-    if result.aborted:
-        return False, "flash interrupted: make flash was stopped (kflashd is stopping)", True
+    settled = _settled("make flash", result, log)
+    if settled is not None:
+        return settled
     if result.timed_out:
         return False, f"make flash timed out after {timeout:g} s", False
     return False, _make_error(result) or f"make flash failed ({result.describe_failure()})", False
