@@ -204,10 +204,7 @@ class FlashCycle:
             self.host.phase(job, PHASE_BOOTLOADER)
             self.log.info(f"asking {board.device_node} to reboot into Katapult")
             bootloader.request_bootloader(board.device_node)
-            found = self.host.wait_for_board(
-                board.serial, MODE_KATAPULT, config.timeout_bootloader, self.abort
-            )
-            self._check_abort()
+            found = self._await_board(MODE_KATAPULT, config.timeout_bootloader)
             if found is None:
                 return Outcome(
                     FAILED,
@@ -238,11 +235,7 @@ class FlashCycle:
 
         if config.timeout_reboot > 0:
             self.host.phase(job, PHASE_REBOOT)
-            back = self.host.wait_for_board(
-                board.serial, MODE_KLIPPER, config.timeout_reboot, self.abort
-            )
-            self._check_abort()
-            if back is None:
+            if self._await_board(MODE_KLIPPER, config.timeout_reboot) is None:
                 return Outcome(
                     FAILED,
                     f"flashed via {result.method}, but the board did not come back in Klipper "
@@ -256,6 +249,12 @@ class FlashCycle:
         if phase == "make_flash":
             shown = PHASE_FALLBACK
         self.host.phase(self.job, shown, percent)
+
+    def _await_board(self, mode: str, timeout: float) -> Optional[Board]:
+        """The board back in `mode` (same serial), through udev; None at the timeout."""
+        found = self.host.wait_for_board(self.board.serial, mode, timeout, self.abort)
+        self._check_abort()
+        return found
 
     def _check_abort(self) -> None:
         if self.abort.is_set():
