@@ -27,10 +27,14 @@ import traceback
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from .errors import AccessDenied, DaemonUnreachable, ProtocolError
-from .reactor import Reactor
+from .reactor import NEVER, Reactor
 
 MAX_CONNECTIONS = 64
 MAX_OUTPUT_BUFFER = 4 * 1024 * 1024  # a client that does not read its replies is dropped
+# A connection that sends nothing for this long (and watches no job) is closed, so idle
+# clients cannot hold every slot. The sweep timer runs only while connections exist: an
+# idle daemon keeps no periodic wake-up.
+IDLE_TIMEOUT = 60.0
 _SMALL_REQUEST = 64 * 1024  # every request but "queue" fits in this
 
 Request = Dict[str, Any]
@@ -92,6 +96,7 @@ class Connection:
         self.closing = False  # close once outbuf is flushed
         self.closed = False
         self.watching: Optional[str] = None  # job id whose events this connection streams
+        self.last_active = server.reactor.monotonic()
 
     def send(self, message: Dict[str, Any]) -> None:
         if self.closed:
@@ -132,6 +137,7 @@ class ControlServer:
         self.log = log
         self.connections: Dict[int, Connection] = {}
         self.sock: Optional[socket.socket] = None
+        self._sweep_timer = reactor.register_timer(self._sweep_idle)
 
     def start(self) -> None:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -206,6 +212,8 @@ class ControlServer:
             conn = Connection(self, client, peer)
             self.connections[client.fileno()] = conn
             self.reactor.register_fd(client.fileno(), lambda c=conn: self._on_event(c))
+            if self._sweep_timer.waketime == NEVER:
+                self.reactor.update_timer(self._sweep_timer, conn.last_active + IDLE_TIMEOUT)
             if len(self.connections) > MAX_CONNECTIONS:
                 conn.send(error_reply("busy", "too many kflashctl connections; try again"))
                 conn.finish()
@@ -256,6 +264,13 @@ class ControlServer:
                     conn.sock.fileno(), lambda c=conn: self._on_event(c), read=True, write=False
                 )
 
+    def _sweep_idle(self, now: float) -> float:
+        for conn in list(self.connections.values()):
+            if conn.watching is None and now - conn.last_active >= IDLE_TIMEOUT:
+                self.close(conn)
+        idle_candidates = [c.last_active for c in self.connections.values() if c.watching is None]
+        return min(idle_candidates) + IDLE_TIMEOUT if idle_candidates else NEVER
+
     def _read(self, conn: Connection) -> None:
         try:
             data = conn.sock.recv(256 * 1024)
@@ -264,6 +279,7 @@ class ControlServer:
         except OSError:
             self.close(conn)
             return
+        conn.last_active = self.reactor.monotonic()
         if not data:
             # Half-closed by the client: answer what is complete, then close.
             if conn.watching is None or conn.inbuf:

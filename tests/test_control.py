@@ -37,6 +37,7 @@ from kflashd.control import (
     PeerCredentials,
     peer_allowed,
 )
+from kflashd import control
 from kflashd.errors import AccessDenied, DaemonUnreachable, ProtocolError
 from kflashd.reactor import Reactor
 
@@ -624,3 +625,27 @@ def test_client_on_a_bad_server(sockdir, answer, error, match):
                 client.request({"cmd": "status"})
     finally:
         raw.close()
+
+
+def test_idle_connections_are_closed_active_and_watching_ones_kept(make_server, monkeypatch):
+    """Idle clients cannot hold every slot; a client that talks or watches a job stays."""
+    monkeypatch.setattr(control, "IDLE_TIMEOUT", 0.4)
+    server = make_server()
+    idle, talker, watcher = connect(server), connect(server), connect(server)
+    watcher.sendall(b'{"cmd":"watch"}\n')
+    assert json.loads(watcher.makefile().readline())["watching"] == "job1"
+    talker_file = talker.makefile()
+    started = time.monotonic()
+    while time.monotonic() - started < 1.0:  # the talker keeps talking past the timeout
+        talker.sendall(b'{"cmd":"echo"}\n')
+        assert json.loads(talker_file.readline())["ok"] is True
+        time.sleep(0.1)
+    idle.settimeout(5)
+    assert idle.recv(1) == b""  # closed by the daemon
+    assert wait_until(lambda: server.connection_count() == 2, what="only the idle one closed")
+    assert server.watchers() == 1
+    talker.close()
+    # With only a watcher left, nothing is swept and the timer is not left spinning.
+    assert wait_until(lambda: server.connection_count() == 1, what="the talker's close seen")
+    wait_until(lambda: server.call(lambda: server.server._sweep_timer.waketime) == control.NEVER,
+               what="the sweep timer to disarm")
