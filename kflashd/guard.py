@@ -56,6 +56,10 @@ class ApiSocketMissing(ApiError):
     """There is no socket file: Klipper is not running (or runs without `-a`)."""
 
 
+class ApiSocketStale(ApiSocketMissing):
+    """The socket file is there but nothing listens on it: Klipper exited."""
+
+
 @dataclass(frozen=True)
 class GuardVerdict:
     """The guard's answer. `reason` is one line for STATUS and the journal.
@@ -115,7 +119,10 @@ def _request(api_socket: str, method: str, params: Dict[str, Any], timeout: floa
         except socket.timeout:
             raise ApiError(f"Klipper's API socket {api_socket} does not answer within {timeout:g} s") from None
         except ConnectionRefusedError:
-            raise ApiError(f"Klipper's API socket {api_socket} refuses connections (stale socket?)") from None
+            # Nobody listens on the file: Klipper leaves its socket behind when it exits
+            # (KL klippy/webhooks.py unlinks it only before the next bind), so a refused
+            # connect means Klipper is not running, not that it is busy.
+            raise ApiSocketStale(f"Klipper's API socket {api_socket} has no listener: Klipper is not running") from None
         except OSError as e:
             raise ApiError(f"Klipper's API socket {api_socket}: {e.strerror or e}") from None
     finally:
@@ -175,6 +182,8 @@ def check_printer_idle(api_socket: str, timeout: float = DEFAULT_TIMEOUT) -> Gua
         print_state = _state(status, "print_stats")
         idle_state = _state(status, "idle_timeout")
         klippy_state = _state(status, "webhooks")
+    except ApiSocketStale as e:
+        return GuardVerdict(busy=False, reason=f"{e}, nothing to ask", klipper_running=False)
     except ApiSocketMissing:
         return GuardVerdict(
             busy=False,

@@ -216,13 +216,18 @@ def test_never_accepting_listener_is_busy(tmp_path):
         listener.close()
 
 
-def test_stale_socket_file_is_busy(tmp_path):
-    # Klipper crashed and left its socket file: connection refused. We cannot tell, so wait.
+def test_stale_socket_file_means_klipper_is_not_running(tmp_path):
+    # Klipper exited and left its socket file (it unlinks it only before its next bind):
+    # connection refused, nobody listens, so nothing can be printing.
     path = str(tmp_path / "klippy.sock")
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     dead.bind(path)
     dead.close()
-    assert_busy_quickly(path, "refuses connections")
+    started = time.monotonic()
+    verdict = check_printer_idle(path, timeout=2.0)
+    assert time.monotonic() - started < 1.0
+    assert verdict.busy is False and verdict.klipper_running is False, verdict
+    assert "no listener" in verdict.reason
 
 
 def test_garbage_reply_is_busy(klippy):
