@@ -157,11 +157,16 @@ class FlashCycle:
         except KflashError as e:
             return Outcome(FAILED, str(e))
 
+        if self.abort.is_set():  # stopping before anything was touched: leave it all as it is
+            return Outcome(INTERRUPTED, "not started: kflashd is stopping")
         self._write_marker()
         try:
             outcome = self._stopped_cycle(image_path)
         finally:
-            self._remove_marker()
+            # The marker means "Klipper may be down": it stays while a start failed, so a
+            # restarted daemon still starts Klipper (the daemon removes it once one works).
+            if self.start_failure is None:
+                self._remove_marker()
         if self.start_failure is not None:
             # The job's own record says it too: `queue --wait` and `history` show the
             # message, and a "done" alone would read as "all is well" with Klipper down.
@@ -200,6 +205,7 @@ class FlashCycle:
         """Everything that happens while Klipper is stopped; exceptions end in the caller."""
         job, config = self.job, self.config
         board = self.board
+        self._check_abort()  # SIGTERM during the stop: do not send the board to its bootloader
         if board.mode == MODE_KLIPPER:
             self.host.phase(job, PHASE_BOOTLOADER)
             self.log.info(f"asking {board.device_node} to reboot into Katapult")
@@ -214,7 +220,12 @@ class FlashCycle:
                 )
             board = self.board = found
 
-        flasher.verify_device_path(board.device_node)
+        if not still_connected(board):
+            # Unplugged, or its node now belongs to another board: never flash by a stale node.
+            raise DiscoveryError(
+                f"Device no longer connected: {board.device_node} (board {board.serial} was "
+                f"unplugged or reset before the flash; nothing was written)"
+            )
         self.host.phase(job, PHASE_FLASHING, 0)
         result = flasher.flash_device(
             board.device_node,
@@ -229,20 +240,26 @@ class FlashCycle:
             device_present=lambda: still_connected(board),
         )
         job.results.append(result)
-        self._check_abort()
         if not result.success:
+            self._check_abort()
             return Outcome(FAILED, result.error_message or "flash failed", result)
+        done = f"flashed via {result.method} in {result.elapsed_seconds:.1f} s"
+        if self.abort.is_set():  # the image is written: that is a success, not an interruption
+            return Outcome(DONE, f"{done} (reboot not awaited: kflashd was stopping)", result)
 
         if config.timeout_reboot > 0:
             self.host.phase(job, PHASE_REBOOT)
-            if self._await_board(MODE_KLIPPER, config.timeout_reboot) is None:
+            back = self.host.wait_for_board(board.serial, MODE_KLIPPER, config.timeout_reboot, self.abort)
+            if back is None and self.abort.is_set():
+                return Outcome(DONE, f"{done} (reboot not awaited: kflashd was stopping)", result)
+            if back is None:
                 return Outcome(
                     FAILED,
                     f"flashed via {result.method}, but the board did not come back in Klipper "
                     f"mode within {config.timeout_reboot:g} s: the new firmware may not boot",
                     result,
                 )
-        return Outcome(DONE, f"flashed via {result.method} in {result.elapsed_seconds:.1f} s", result)
+        return Outcome(DONE, done, result)
 
     def _progress(self, phase: str, percent: int) -> None:
         shown = PHASE_VERIFYING if phase == "verify" else PHASE_FLASHING

@@ -150,6 +150,10 @@ class Daemon(CycleHost):
             self.reactor.close()
         return self.exit_code
 
+    @property
+    def _marker_path(self) -> str:
+        return os.path.join(self.config.runtime_dir, "cycle.marker")
+
     def _max_request(self) -> int:
         # The image travels base64-encoded (4/3) inside one JSON line.
         return self.config.max_image_size * 4 // 3 + 64 * 1024
@@ -158,7 +162,7 @@ class Daemon(CycleHost):
         """A marker means a daemon died with Klipper stopped: start Klipper before anything."""
         from . import service
 
-        marker = os.path.join(self.config.runtime_dir, "cycle.marker")
+        marker = self._marker_path
         data: Dict[str, Any] = {}
         try:
             with open(marker, "rb") as f:
@@ -180,8 +184,9 @@ class Daemon(CycleHost):
                     f"KLIPPER IS NOT RUNNING: {e}",
                     extra={"journal_fields": {"MESSAGE_ID": journal.MSG_KLIPPER_RESTART_FAILED}},
                 )
-                self.klipper_start_failed(None, str(e))
-            os.unlink(marker)
+                self.klipper_start_failed(None, str(e))  # retried; the marker stays till then
+            else:
+                os.unlink(marker)
         for job in self.store.running():
             self._finish(
                 job,
@@ -190,15 +195,24 @@ class Daemon(CycleHost):
                 "board waits in Katapult",
             )
 
-    def _requeue_interrupted(self) -> None:
-        """Interrupted jobs whose board waits in Katapult (half-flashed, most likely) go again."""
+    def _requeue_interrupted(self, serial: Optional[str] = None) -> None:
+        """Interrupted jobs go again when their board waits in Katapult (half-flashed, most
+        likely), whenever it shows up; at start-up (`serial` None) also those interrupted
+        before anything was written, which simply wait for their board again."""
         assert self.monitor is not None
         for job in self.store.jobs():
-            if job.state != JOB_INTERRUPTED or self.store.queued_for(job.serial):
+            if job.state != JOB_INTERRUPTED or (serial is not None and job.serial != serial):
+                continue
+            if self.store.queued_for(job.serial):
                 continue
             if self.monitor.find(job.serial, MODE_KATAPULT):
-                self.store.requeue(job, "re-queued: its board waits in Katapult")
-                self._log(logging.INFO, "re-queued: the board waits in Katapult", job)
+                why = "re-queued: the board waits in Katapult"
+            elif serial is None and not job.results:
+                why = "re-queued: it was interrupted before anything was written"
+            else:
+                continue
+            self.store.requeue(job, why)
+            self._log(logging.INFO, why, job)
 
     # ---------------------------------------------------------------- events ------
 
@@ -210,6 +224,8 @@ class Daemon(CycleHost):
             log.info(f"{action}: {board.mode} board {board.serial} ({board.mcu}) at {board.device_node}")
             if action == "add":
                 self._wake_waiters(board)
+                if board.mode == MODE_KATAPULT and self.cycle is None:
+                    self._requeue_interrupted(board.serial)
         if changed:
             self._schedule()
 
@@ -400,6 +416,8 @@ class Daemon(CycleHost):
         waiter = BoardWaiter(serial, mode)
         with self._waiters_lock:
             self._waiters.append(waiter)
+            if abort.is_set():  # a stop signal came before we were on the list to be woken
+                waiter.event.set()
         # The board may already be there: ask the loop, which owns the board table.
         self.reactor.call_soon_threadsafe(lambda: self._check_waiter(waiter))
         try:
@@ -464,6 +482,10 @@ class Daemon(CycleHost):
         if error is None:
             log.warning("Klipper was started again: it is no longer down")
             self.klipper_down = None
+            try:
+                os.unlink(self._marker_path)
+            except FileNotFoundError:
+                pass
         else:
             log.error(f"Klipper is still down: {error}; trying again in {self.config.klipper_retry:g} s")
             self.klipper_down = error

@@ -630,3 +630,83 @@ def test_reload_with_invalid_config_keeps_the_old_one(scene, farm, standins, not
     s.record("config reloaded (SIGHUP) with an invalid file (unknown key, board renamed)",
              "while idle, jobs queued", klipper, job,
              f"{error}; RELOADING=1 then READY=1; 'spider' refused, 'octopus' still resolves and flashes")
+
+
+# ------------------------------------------------------- stops at the edges of a cycle ----
+
+
+def test_sigterm_while_klipper_stops_leaves_the_board_alone(scene, farm, standins, notify_socket):
+    """A --now job: SIGTERM during `systemctl stop` must not send the board to its bootloader."""
+    s = scene()
+    farm.add_board(serial=SERIAL, mcu=MCU, mode="klipper")
+    standins.set("systemctl", {"stop": {"sleep": 1.5}})
+    path = write_image(s.daemon.workdir / "now", size=3000, seed=8, version="v-now")
+    job_id = s.daemon.queue(SERIAL, str(path), "--now")
+    notify_socket.wait_for(lambda m: "Stopping klipper" in m, timeout=10)
+
+    assert s.daemon.stop(signal.SIGTERM) == 0
+    board = farm.board(SERIAL)
+    assert board["bootloader_requests"] == 0 and board["mode"] == "klipper", board
+    assert standins.calls("flashtool") == []
+    klipper = s.klipper_running()
+    state = json.loads((s.daemon.state_dir / "jobs" / f"{job_id}.json").read_text())
+    assert state["state"] == "interrupted" and state["results"] == [], state
+
+    # Nothing was written: the next daemon puts the job back in the queue, and it runs.
+    standins.set("systemctl", {})
+    after = len(notify_socket.messages)
+    s.daemon.start(wait_ready=lambda: any(m.startswith("READY=1") for m in notify_socket.messages[after:]))
+    job = s.daemon.wait_job(job_id, ["done", "failed"], timeout=30)
+    assert job["state"] == "done", job
+    assert farm.board(SERIAL)["bootloader_requests"] == 1
+    s.nothing_lost(job_id)
+    s.record("SIGTERM while `systemctl stop klipper` runs (--now job)", "before the bootloader request",
+             klipper, job, f"board never asked to reboot (0 requests) before the stop; "
+             f"{s.log_line('re-queued: it was interrupted before anything was written')}")
+
+
+def test_interrupted_job_goes_again_when_its_board_returns(scene, farm, standins, notify_socket):
+    """Stopped mid-flash, board unplugged meanwhile: the job flashes when it is back in Katapult."""
+    s = scene()
+    farm.add_board(serial=SERIAL, mcu=MCU, mode="katapult")
+    farm.set_fault(SERIAL, "slow", bytes_per_second=1000)
+    path = write_image(s.daemon.workdir / "big", size=20000, seed=6, version="v-return")
+    job_id = s.daemon.queue(SERIAL, str(path))
+    flashing_percent(notify_socket, 2)
+    assert s.daemon.stop(signal.SIGTERM) == 0
+    farm.unplug(SERIAL)
+    farm.set_fault(SERIAL, None)
+    after = len(notify_socket.messages)
+    s.daemon.start(wait_ready=lambda: any(m.startswith("READY=1") for m in notify_socket.messages[after:]))
+    assert s.daemon.job(job_id)["state"] == "interrupted"  # no board yet: nothing to do
+
+    farm.plug(SERIAL)
+    job = s.daemon.wait_job(job_id, ["done", "failed"], timeout=30)
+    assert job["state"] == "done", job
+    data = path.read_bytes()
+    assert farm.flashed_image(SERIAL, len(padded(data))) == padded(data)
+    klipper = s.klipper_running()
+    s.nothing_lost(job_id)
+    s.record("kflashd stopped mid-flash, board unplugged, daemon restarted, board back later",
+             "mid-flash", klipper, job, s.log_line("re-queued: the board waits in Katapult"))
+
+
+def test_failed_klipper_start_survives_a_daemon_restart(scene, farm, standins, image, notify_socket):
+    """The crash marker stays while Klipper is down, so a restarted kflashd starts it."""
+    s = scene(timeouts={"reboot": 2, "klipper_retry": 600})
+    standins.set("systemctl", {"start": {"exit": 1, "fail_times": 3, "stderr": "start refused"}})
+    job_id = s.daemon.queue(SERIAL, str(image))
+    farm.add_board(serial=SERIAL, mcu=MCU, mode="katapult")
+    s.daemon.wait_job(job_id, ["done", "failed"], timeout=40)
+    assert (s.daemon.runtime_dir / "cycle.marker").exists()
+    assert not s.printer.running
+
+    assert s.daemon.stop(signal.SIGTERM) == 0
+    after = len(notify_socket.messages)
+    s.daemon.start(wait_ready=lambda: any(m.startswith("READY=1") for m in notify_socket.messages[after:]))
+    klipper = s.klipper_running()
+    assert not (s.daemon.runtime_dir / "cycle.marker").exists()
+    job = s.daemon.job(job_id)
+    s.nothing_lost(job_id)
+    s.record("`systemctl start` fails every try, then kflashd is restarted", "after the flash",
+             klipper, job, s.log_line("starting Klipper now"))
