@@ -317,6 +317,20 @@ def _make_flash(
         if stream == "stdout":
             parser.feed(text)
 
+    # `make flash` rebuilds first when .config or a source is newer than out/klipper.bin
+    # (Klipper's Makefile: flash depends on the image): the image checked above would then
+    # not be the one written. `make -q` answers "up to date?" without building anything.
+    try:
+        fresh = proc.run([make, "-q", "out/klipper.bin"], min(timeout, 30.0), cwd=tree, abort=abort, user=owner)
+    except (OSError, KeyError) as e:
+        return False, f"make could not be run as uid {owner}: {e}", False
+    if fresh.returncode != 0:
+        why = "is older than the tree's .config or sources" if fresh.returncode == 1 else "cannot be checked"
+        return False, (
+            f"make flash not tried: {tree}/out/klipper.bin {why}, so make flash would rebuild "
+            f"and write an image other than the one queued"
+        ), False
+
     log.info(f"running {' '.join(argv)} in {tree} as uid {owner}")
     try:
         result = proc.stream(argv, timeout, on_output, cwd=tree, abort=abort, user=owner)

@@ -110,8 +110,10 @@ def test_make_flash_only_after_katapult_fails(
             DEVICE, str(image), KATAPULT, str(tree), progress=lambda p, v: seen.append((p, v))
         )
     assert result.success and result.method == "make_flash", result
-    assert [c["prog"] for c in standins.calls()] == ["flashtool", "make"]
-    make = standins.calls("make")[0]
+    # flashtool, then make's "is out/klipper.bin up to date?" question, then make flash.
+    assert [(c["prog"], c.get("query")) for c in standins.calls()] == [
+        ("flashtool", None), ("make", True), ("make", False)]
+    make = standins.calls("make", query=False)[0]
     assert make["argv"] == [f"FLASH_DEVICE={DEVICE}", "flash"]
     assert make["cwd"] == str(tree)
     assert make["monotonic"] > standins.calls("flashtool")[0]["monotonic"]
@@ -129,6 +131,20 @@ def test_no_make_flash_when_tree_image_differs(
     assert standins.calls("make") == []
     assert "differs from the image being flashed" in (result.error_message or "")
     assert "Error sending command [CONNECT] to Device" in (result.error_message or "")
+
+
+def test_no_make_flash_when_make_would_rebuild_first(
+    standins: Standins, image: Path, shared_tmp: Path
+) -> None:
+    """Same bytes in out/klipper.bin, but .config changed since: make flash would rebuild."""
+    standins.set("flashtool", {"mode": "scripted", "fail": "connect"})
+    standins.set("make", {"stale": True})
+    tree = klipper_tree(shared_tmp, image.read_bytes())
+    result = flasher.flash_device(DEVICE, str(image), KATAPULT, str(tree))
+    assert not result.success
+    assert [c["targets"] for c in standins.calls("make")] == [["out/klipper.bin"]]
+    assert standins.calls("make", query=False) == []
+    assert "older than the tree's .config or sources" in (result.error_message or "")
 
 
 def test_no_make_flash_without_tree(standins: Standins, image: Path, tmp_path: Path) -> None:
@@ -157,7 +173,7 @@ def test_make_runs_as_tree_owner(standins: Standins, image: Path, shared_tmp: Pa
     standins.set("flashtool", {"mode": "scripted", "fail": "write"})
     tree = klipper_tree(shared_tmp, image.read_bytes(), owner="nobody")
     assert flasher.flash_device(DEVICE, str(image), KATAPULT, str(tree)).success
-    make = standins.calls("make")[0]
+    make = standins.calls("make", query=False)[0]
     nobody = pwd.getpwnam("nobody")
     assert (make["uid"], make["gid"]) == (nobody.pw_uid, nobody.pw_gid)
     assert make["home"] == nobody.pw_dir
@@ -198,7 +214,7 @@ def test_hung_make_flash_killed_with_children(
     tree = klipper_tree(shared_tmp, image.read_bytes())
     result = flasher.flash_device(DEVICE, str(image), KATAPULT, str(tree), timeout=1)
     assert not result.success and "make flash timed out" in (result.error_message or "")
-    pids = [standins.calls("make")[0]["pid"]] + standins.child_pids("make")
+    pids = [standins.calls("make", query=False)[0]["pid"]] + standins.child_pids("make")
     assert len(pids) == 2
     wait_until(lambda: not any(pid_alive(p) for p in pids))
 
