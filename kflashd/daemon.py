@@ -174,8 +174,8 @@ class Daemon(CycleHost):
         if marker:
             services = data.get("services") or self.config.klipper_services
             log.warning(
-                f"a previous kflashd (pid {data.get('pid', '?')}) stopped during a flash of job "
-                f"{data.get('job', '?')}: starting Klipper now"
+                f"a previous kflashd (pid {data.get('pid', '?')}) may have left Klipper stopped "
+                f"(job {data.get('job', '?')}): starting Klipper now"
             )
             try:
                 service.start_services(tuple(services), timeout=self.config.timeout_service)
