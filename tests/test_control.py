@@ -136,17 +136,6 @@ def server(make_server) -> Server:
     return make_server()
 
 
-@pytest.fixture
-def temp_group() -> Iterator[str]:
-    """A fresh system group (nobody is not a member unless a test adds it), removed after."""
-    name = f"kflt{secrets.token_hex(4)}"
-    subprocess.run(["groupadd", name], check=True, capture_output=True, timeout=30)
-    try:
-        yield name
-    finally:
-        subprocess.run(["groupdel", name], capture_output=True, timeout=30)
-
-
 def connect(server: Server) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(5)

@@ -50,9 +50,7 @@ def make_daemon(tmp_path, farm, standins, notify_socket) -> Iterator:
                                 standins.dir, **options)
         started.append(daemon)
         if start:
-            after = len(notify_socket.messages)
-            daemon.start(wait_ready=lambda: notify_socket.count("READY=1") > 0
-                         and any(m.startswith("READY=1") for m in notify_socket.messages[after:]))
+            daemon.start_ready(notify_socket)
         return daemon
 
     yield factory

@@ -112,6 +112,11 @@ class KflashdProcess:
         self._check_alive()
         return self
 
+    def start_ready(self, notify: Any) -> "KflashdProcess":
+        """Start and wait for a READY=1 sent after this start (not by an earlier daemon)."""
+        after = len(notify.messages)
+        return self.start(wait_ready=lambda: any(m.startswith("READY=1") for m in notify.messages[after:]))
+
     @property
     def control_socket(self) -> Path:
         return self.runtime_dir / "control.sock"

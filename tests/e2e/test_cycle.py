@@ -202,8 +202,7 @@ def test_sigkill_mid_flash_restarts_klipper_then_reflashes(make_daemon, farm, st
 
     daemon.kill()
     farm.set_fault(SERIAL, None)
-    after = len(notify_socket.messages)
-    daemon.start(wait_ready=lambda: any(m.startswith("READY=1") for m in notify_socket.messages[after:]))
+    daemon.start_ready(notify_socket)
     # Klipper is started at once by the new daemon (crash marker), before anything else.
     wait_until(lambda: printer.running or standins.systemctl_verbs()[-1:] == ["start"], 10, "Klipper started")
     job = daemon.wait_job(job_id, ["done", "failed"], timeout=60)

@@ -488,8 +488,7 @@ def test_daemon_restarted_mid_flash_flashes_again(scene, farm, standins, notify_
     assert s.daemon.stop(signal.SIGTERM) == 0
     assert s.printer.running  # started again before the old daemon exited
     farm.set_fault(SERIAL, None)
-    after = len(notify_socket.messages)
-    s.daemon.start(wait_ready=lambda: any(m.startswith("READY=1") for m in notify_socket.messages[after:]))
+    s.daemon.start_ready(notify_socket)
 
     job = s.daemon.wait_job(job_id, ["done", "failed"], timeout=30)
     assert job["state"] == "done", job
@@ -654,8 +653,7 @@ def test_sigterm_while_klipper_stops_leaves_the_board_alone(scene, farm, standin
 
     # Nothing was written: the next daemon puts the job back in the queue, and it runs.
     standins.set("systemctl", {})
-    after = len(notify_socket.messages)
-    s.daemon.start(wait_ready=lambda: any(m.startswith("READY=1") for m in notify_socket.messages[after:]))
+    s.daemon.start_ready(notify_socket)
     job = s.daemon.wait_job(job_id, ["done", "failed"], timeout=30)
     assert job["state"] == "done", job
     assert farm.board(SERIAL)["bootloader_requests"] == 1
@@ -676,8 +674,7 @@ def test_interrupted_job_goes_again_when_its_board_returns(scene, farm, standins
     assert s.daemon.stop(signal.SIGTERM) == 0
     farm.unplug(SERIAL)
     farm.set_fault(SERIAL, None)
-    after = len(notify_socket.messages)
-    s.daemon.start(wait_ready=lambda: any(m.startswith("READY=1") for m in notify_socket.messages[after:]))
+    s.daemon.start_ready(notify_socket)
     assert s.daemon.job(job_id)["state"] == "interrupted"  # no board yet: nothing to do
 
     farm.plug(SERIAL)
@@ -702,8 +699,7 @@ def test_failed_klipper_start_survives_a_daemon_restart(scene, farm, standins, i
     assert not s.printer.running
 
     assert s.daemon.stop(signal.SIGTERM) == 0
-    after = len(notify_socket.messages)
-    s.daemon.start(wait_ready=lambda: any(m.startswith("READY=1") for m in notify_socket.messages[after:]))
+    s.daemon.start_ready(notify_socket)
     klipper = s.klipper_running()
     assert not (s.daemon.runtime_dir / "cycle.marker").exists()
     job = s.daemon.job(job_id)

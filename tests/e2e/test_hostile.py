@@ -15,11 +15,9 @@ import hashlib
 import json
 import os
 import random
-import secrets
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -534,16 +532,6 @@ def test_fuzzed_control_socket_keeps_serving_and_rejects_without_writing(make_da
 
 
 # ---------------------------------------------------------------- who may connect --
-
-
-@pytest.fixture
-def temp_group() -> Iterator[str]:
-    name = f"kflt{secrets.token_hex(4)}"
-    subprocess.run(["groupadd", name], check=True, capture_output=True, timeout=30)
-    try:
-        yield name
-    finally:
-        subprocess.run(["groupdel", name], capture_output=True, timeout=30)
 
 
 @pytest.fixture
