@@ -26,7 +26,7 @@ import re
 import signal
 import subprocess
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -139,6 +139,16 @@ def flashing_percent(notify_socket, at_least: int = 10, timeout: float = 20) -> 
         return bool(m) and int(m.group(1)) >= at_least
 
     return int(pattern.search(notify_socket.wait_for(far_enough, timeout=timeout)).group(1))
+
+
+def slow_flash(s: "Scene", farm, notify_socket, seed: int, version: str) -> Tuple[str, Path, int]:
+    """A board in Katapult that answers slowly, a job flashing it, the write phase under way:
+    (job id, image path, the percentage STATUS showed)."""
+    farm.add_board(serial=SERIAL, mcu=MCU, mode="katapult")
+    farm.set_fault(SERIAL, "slow", bytes_per_second=1000)
+    path = write_image(s.daemon.workdir / "big", size=20000, seed=seed, version=version)
+    job_id = s.daemon.queue(SERIAL, str(path))
+    return job_id, path, flashing_percent(notify_socket, 2)
 
 
 def blocks_of(image: Path, block: int = 64) -> int:
@@ -451,11 +461,7 @@ def test_systemctl_start_fails_once_is_retried(scene, farm, standins, image, not
 
 def test_sigint_mid_flash_stops_tool_starts_klipper(scene, farm, standins, notify_socket):
     s = scene()
-    farm.add_board(serial=SERIAL, mcu=MCU, mode="katapult")
-    farm.set_fault(SERIAL, "slow", bytes_per_second=1000)
-    path = write_image(s.daemon.workdir / "big", size=20000, seed=4, version="v-big")
-    job_id = s.daemon.queue(SERIAL, str(path))
-    percent = flashing_percent(notify_socket, 2)
+    job_id, path, percent = slow_flash(s, farm, notify_socket, seed=4, version="v-big")
     assert not s.printer.running
 
     assert s.daemon.stop(signal.SIGINT) == 0
@@ -479,11 +485,7 @@ def test_sigint_mid_flash_stops_tool_starts_klipper(scene, farm, standins, notif
 def test_daemon_restarted_mid_flash_flashes_again(scene, farm, standins, notify_socket):
     """`systemctl restart kflashd` during a flash: SIGTERM, then a new daemon on the same state."""
     s = scene()
-    farm.add_board(serial=SERIAL, mcu=MCU, mode="katapult")
-    farm.set_fault(SERIAL, "slow", bytes_per_second=1000)
-    path = write_image(s.daemon.workdir / "big", size=20000, seed=5, version="v-restart")
-    job_id = s.daemon.queue(SERIAL, str(path))
-    percent = flashing_percent(notify_socket, 2)
+    job_id, path, percent = slow_flash(s, farm, notify_socket, seed=5, version="v-restart")
 
     assert s.daemon.stop(signal.SIGTERM) == 0
     assert s.printer.running  # started again before the old daemon exited
@@ -666,11 +668,7 @@ def test_sigterm_while_klipper_stops_leaves_the_board_alone(scene, farm, standin
 def test_interrupted_job_goes_again_when_its_board_returns(scene, farm, standins, notify_socket):
     """Stopped mid-flash, board unplugged meanwhile: the job flashes when it is back in Katapult."""
     s = scene()
-    farm.add_board(serial=SERIAL, mcu=MCU, mode="katapult")
-    farm.set_fault(SERIAL, "slow", bytes_per_second=1000)
-    path = write_image(s.daemon.workdir / "big", size=20000, seed=6, version="v-return")
-    job_id = s.daemon.queue(SERIAL, str(path))
-    flashing_percent(notify_socket, 2)
+    job_id, path, _ = slow_flash(s, farm, notify_socket, seed=6, version="v-return")
     assert s.daemon.stop(signal.SIGTERM) == 0
     farm.unplug(SERIAL)
     farm.set_fault(SERIAL, None)
