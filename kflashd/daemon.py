@@ -14,28 +14,23 @@ Klipper, and only then does the loop stop and send STOPPING=1.
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
-import hashlib
 import json
 import logging
 import os
-import re
 import signal
 import sys
 import threading
-import time
 from typing import Any, Dict, List, Optional
 
-from . import __version__, firmware, journal
+from . import __version__, journal
+from .commands import Commands
 from .config import Config, load_config
-from .control import Connection, ControlServer, Reply, Request, error_reply
+from .control import ControlServer
 from .cycle import BUSY, DONE, FAILED, INTERRUPTED, PHASE_STOPPING, CycleHost, FlashCycle, Outcome
-from .cycle import image_matches_board, job_fields
-from .devices import BoardMonitor, serial_from_by_id
-from .errors import ConfigError, KflashError, QueueError
+from .cycle import job_fields
+from .devices import BoardMonitor
+from .errors import ConfigError, KflashError
 from .models import (
-    JOB_CANCELLED,
     JOB_DONE,
     JOB_FAILED,
     JOB_INTERRUPTED,
@@ -51,9 +46,6 @@ from .reactor import NEVER, Reactor
 from .store import JobStore
 
 log = logging.getLogger("kflashd")
-
-_SERIAL_RE = re.compile(r"\A[0-9A-Fa-f]{4,64}\Z")  # not "$": it also matches before a final "\n"
-
 
 class BoardWaiter:
     __slots__ = ("serial", "mode", "event", "board")
@@ -87,6 +79,7 @@ class Daemon(CycleHost):
         self.store = JobStore(config.state_dir)
         self.monitor: Optional[BoardMonitor] = None
         self.control: Optional[ControlServer] = None
+        self.commands = Commands(self)
         self.cycle: Optional[RunningCycle] = None
         self.stopping = False
         self.klipper_down: Optional[str] = None
@@ -121,7 +114,7 @@ class Daemon(CycleHost):
             self.config.control_socket,
             self.config.group,
             self._max_request(),
-            self._handle_request,
+            self.commands.handle,
             log.warning,
         )
         self.control.start()
@@ -135,8 +128,8 @@ class Daemon(CycleHost):
 
         self.notifier.ready()
         log.info(f"kflashd {__version__} ready: {len(self.store.queued())} job(s) queued")
-        self._update_status()
-        self._schedule()
+        self.update_status()
+        self.schedule()
         try:
             self.reactor.run()
         finally:
@@ -212,7 +205,7 @@ class Daemon(CycleHost):
             else:
                 continue
             self.store.requeue(job, why)
-            self._log(logging.INFO, why, job)
+            self.log_job(logging.INFO, why, job)
 
     # ---------------------------------------------------------------- events ------
 
@@ -227,7 +220,7 @@ class Daemon(CycleHost):
                 if board.mode == MODE_KATAPULT and self.cycle is None:
                     self._requeue_interrupted(board.serial)
         if changed:
-            self._schedule()
+            self.schedule()
 
     def _on_stop_signal(self, signum: int) -> None:
         if self.stopping:
@@ -257,7 +250,7 @@ class Daemon(CycleHost):
         except ConfigError as e:
             log.error(f"reload failed, keeping the old configuration: {e}")
             self.notifier.ready()
-            self._update_status()
+            self.update_status()
             return
         for key in ("state_dir", "runtime_dir"):
             if getattr(new, key) != getattr(self.config, key):
@@ -268,8 +261,8 @@ class Daemon(CycleHost):
             self.control.reconfigure(new.group, self._max_request())
         log.info(f"configuration reloaded from {path or 'defaults'}")
         self.notifier.ready()
-        self._update_status()
-        self._schedule()
+        self.update_status()
+        self.schedule()
 
     def _ping_watchdog(self, now: float, interval: float) -> float:
         self.notifier.watchdog()
@@ -277,23 +270,23 @@ class Daemon(CycleHost):
 
     def _guard_retry(self, now: float) -> float:
         self._guard_hold = False
-        self._schedule()
+        self.schedule()
         return NEVER
 
     # ---------------------------------------------------------------- scheduling ------
 
-    def _schedule(self) -> None:
+    def schedule(self) -> None:
         """Start a cycle if a queued job's board is ready for it (loop thread only)."""
         busy = self.cycle is not None or self._klipper_starting or self._guard_hold
         if busy or self.stopping or self.monitor is None:
-            self._update_status()
+            self.update_status()
             return
         for job in self.store.queued():
             board = self._board_for(job)
             if board is not None:
                 self._start_cycle(job, board)
                 break
-        self._update_status()
+        self.update_status()
 
     def _board_for(self, job: Job) -> Optional[Board]:
         assert self.monitor is not None
@@ -315,7 +308,7 @@ class Daemon(CycleHost):
         running = RunningCycle(job, board)
         self.cycle = running
         config = self.config
-        self._log(
+        self.log_job(
             logging.INFO,
             f"flash started: {board.mode} board at {board.device_node}",
             job,
@@ -348,13 +341,13 @@ class Daemon(CycleHost):
             self.store.update(job)
             self.guard_wait = outcome.message
             self._guard_hold = True
-            self._log(
+            self.log_job(
                 logging.INFO,
                 f"printer busy, the job waits: {outcome.message}",
                 job,
                 message_id=journal.MSG_PRINT_GUARD_WAIT,
             )
-            self._notify_watchers(job, {"event": "phase", "phase": "waiting for printer", "message": outcome.message})
+            self.notify_watchers(job, {"event": "phase", "phase": "waiting for printer", "message": outcome.message})
             self.reactor.update_timer(
                 self._guard_timer, self.reactor.monotonic() + self.config.guard_retry
             )
@@ -367,7 +360,7 @@ class Daemon(CycleHost):
         if self.stopping:
             self.reactor.stop()
             return
-        self._schedule()
+        self.schedule()
 
     def _finish(self, job: Job, state: str, message: str) -> None:
         self.store.finish(job, state, message)
@@ -380,17 +373,17 @@ class Daemon(CycleHost):
                     if job.version_confirmed
                     else f"; but Klipper reports {job.mcu_version_after!r}, not {job.image_version!r}"
                 )
-            self._log(logging.INFO, text, job, message_id=journal.MSG_FLASH_SUCCEEDED, method=method, result="done")
+            self.log_job(logging.INFO, text, job, message_id=journal.MSG_FLASH_SUCCEEDED, method=method, result="done")
         elif state == JOB_INTERRUPTED:
-            self._log(logging.WARNING, f"flash interrupted: {message}", job,
+            self.log_job(logging.WARNING, f"flash interrupted: {message}", job,
                       message_id=journal.MSG_JOB_INTERRUPTED, method=method, result=state)
         elif state == JOB_FAILED:
-            self._log(logging.ERROR, f"flash failed: {message}", job,
+            self.log_job(logging.ERROR, f"flash failed: {message}", job,
                       message_id=journal.MSG_FLASH_FAILED, method=method, result=state)
         else:
-            self._log(logging.INFO, f"{state}: {message}", job, result=state)
+            self.log_job(logging.INFO, f"{state}: {message}", job, result=state)
         self.store.prune()
-        self._notify_watchers(job, {"event": "end", "job": job.to_dict()})
+        self.notify_watchers(job, {"event": "end", "job": job.to_dict()})
         for conn in self.control.watchers(job.id) if self.control else []:
             conn.finish()
 
@@ -405,8 +398,8 @@ class Daemon(CycleHost):
             if self.cycle.phase == phase and self.cycle.percent == percent:
                 return
             self.cycle.phase, self.cycle.percent = phase, percent
-            self._notify_watchers(job, {"event": "phase", "phase": phase, "percent": percent})
-            self._update_status()
+            self.notify_watchers(job, {"event": "phase", "phase": phase, "percent": percent})
+            self.update_status()
 
         self.reactor.call_soon_threadsafe(update)
 
@@ -447,7 +440,7 @@ class Daemon(CycleHost):
             if self.cycle is not None:
                 self.cycle.start_failed = True
             self.reactor.update_timer(self._klipper_timer, self.reactor.monotonic() + self.config.klipper_retry)
-            self._update_status()
+            self.update_status()
 
         # The flash core has logged it (CRITICAL, MESSAGE_ID); here it becomes STATUS.
         self.reactor.call_soon_threadsafe(update)
@@ -490,12 +483,12 @@ class Daemon(CycleHost):
             log.error(f"Klipper is still down: {error}; trying again in {self.config.klipper_retry:g} s")
             self.klipper_down = error
             self.reactor.update_timer(self._klipper_timer, self.reactor.monotonic() + self.config.klipper_retry)
-        self._update_status()
-        self._schedule()
+        self.update_status()
+        self.schedule()
 
     # ---------------------------------------------------------------- reporting ------
 
-    def _log(
+    def log_job(
         self,
         level: int,
         message: str,
@@ -518,7 +511,7 @@ class Daemon(CycleHost):
         fields.update(extra)
         log.log(level, message, extra={"journal_fields": fields})
 
-    def _status_text(self) -> str:
+    def status_text(self) -> str:
         queued = len(self.store.queued())
         jobs = f"{queued} job{'s' if queued != 1 else ''} queued"
         if self.cycle is not None:
@@ -540,8 +533,8 @@ class Daemon(CycleHost):
             text += f"; KLIPPER IS DOWN: {self.klipper_down}"
         return text
 
-    def _update_status(self) -> None:
-        text = self._status_text()
+    def update_status(self) -> None:
+        text = self.status_text()
         if text != self._last_status:
             self._last_status = text
             self.notifier.status(text)
@@ -550,229 +543,12 @@ class Daemon(CycleHost):
         self._last_status = text
         self.notifier.status(text)
 
-    def _notify_watchers(self, job: Job, event: Dict[str, Any]) -> None:
+    def notify_watchers(self, job: Job, event: Dict[str, Any]) -> None:
         if self.control is None:
             return
         event = dict(event, job_id=job.id)
         for conn in self.control.watchers(job.id):
             conn.send(event)
-
-    # ---------------------------------------------------------------- requests ------
-
-    def _handle_request(self, conn: Connection, request: Request) -> Optional[Reply]:
-        cmd = request["cmd"]
-        handler = getattr(self, f"_cmd_{cmd}", None)
-        if handler is None:
-            return error_reply("bad_request", f"unknown command {cmd!r}")
-        try:
-            return handler(conn, request)
-        except QueueError as e:
-            return error_reply("rejected", str(e))
-
-    def _cmd_ping(self, conn: Connection, request: Request) -> Reply:
-        return {"ok": True, "version": __version__}
-
-    def _cmd_queue(self, conn: Connection, request: Request) -> Reply:
-        selector = _string(request, "board")
-        image_b64 = _string(request, "image")
-        sha256 = _string(request, "sha256").lower()
-        force = _flag(request, "force")
-        now = _flag(request, "now")
-        image_mcu = _optional_string(request, "mcu")
-        image_version = _optional_string(request, "version")
-        try:
-            image = base64.b64decode(image_b64, validate=True)
-        except (binascii.Error, ValueError):
-            return error_reply("bad_request", "image is not valid base64")
-        if not image:
-            return error_reply("rejected", "the image is empty")
-        if len(image) > self.config.max_image_size:
-            return error_reply(
-                "rejected",
-                f"the image is {len(image)} bytes, more than max_image_size "
-                f"({self.config.max_image_size}); is it really a firmware image?",
-            )
-        if hashlib.sha256(image).hexdigest() != sha256:
-            return error_reply("rejected", "the image's sha256 does not match: transfer damaged")
-        # The client's word on the MCU is checked against the bytes themselves: a Klipper
-        # build embeds its data dictionary (with config.MCU) in klipper.bin.
-        embedded = firmware.info_from_image(image)
-        if embedded.mcu and image_mcu and embedded.mcu.lower() != image_mcu.lower() and not force:
-            return error_reply(
-                "mismatch",
-                f"the image says it is built for {embedded.mcu}, but its klipper.dict says "
-                f"{image_mcu}: a stale klipper.dict? rebuild, or queue again with --force",
-            )
-        image_mcu = embedded.mcu or image_mcu
-        image_version = embedded.version or image_version
-        serial, name, board, warnings = self._resolve_selector(selector)
-        if board is not None and not force:
-            refusal = image_matches_board(image_mcu, board, self.config)
-            if refusal:
-                return error_reply("mismatch", refusal)
-        job = Job(
-            id=self.store.new_id(),
-            selector=selector,
-            serial=serial,
-            board_name=name,
-            image_sha256=sha256,
-            image_size=len(image),
-            created=time.time(),
-            image_mcu=image_mcu,
-            image_version=image_version,
-            force=force,
-            now=now,
-            message="waiting for the board in Katapult" if not now else "waiting for the board",
-        )
-        replaced = self.store.stage(job, image)
-        if replaced is not None:
-            warnings.append(f"replaces job {replaced.id}, which was queued for the same board")
-            self._notify_watchers(replaced, {"event": "end", "job": replaced.to_dict()})
-        if now and board is None:
-            warnings.append("--now: the board is not connected; the job waits for it")
-        elif now and board is not None and board.mode == MODE_KATAPULT:
-            warnings.append("--now: the board already waits in Katapult")
-        self._log(
-            logging.INFO,
-            f"staged: {len(image)} bytes, sha256 {sha256[:12]}"
-            + (f", {image_mcu}" if image_mcu else "")
-            + (" (forced)" if force else ""),
-            job,
-            message_id=journal.MSG_JOB_STAGED,
-        )
-        self.reactor.call_soon_threadsafe(self._schedule)
-        return {
-            "ok": True,
-            "job": job.to_dict(),
-            "replaced": replaced.to_dict() if replaced else None,
-            "warnings": warnings,
-        }
-
-    def _resolve_selector(self, selector: str):
-        """Board name, USB serial, or by-id path (either mode) -> (serial, name, board, warnings)."""
-        assert self.monitor is not None
-        warnings: List[str] = []
-        named = self.config.board_by_name(selector)
-        if named is not None:
-            serial = named.serial
-        elif selector.startswith("/dev/"):
-            present = [b for b in self.monitor.boards.values() if selector in (b.by_id, b.by_path, b.device_node)]
-            by_id_serial = serial_from_by_id(selector)
-            if present:
-                serial = present[0].serial
-            elif by_id_serial:
-                serial = by_id_serial
-            else:
-                raise QueueError(
-                    f"unknown board {selector!r}: no connected board has that path, and it is not "
-                    f"a /dev/serial/by-id/usb-katapult_… or usb-Klipper_… name"
-                )
-        elif _SERIAL_RE.match(selector):
-            serial = selector
-        else:
-            names = ", ".join(sorted(self.config.boards)) or "none configured"
-            raise QueueError(
-                f"unknown board {selector!r}: give a board name from the config (known: {names}), a "
-                f"USB serial number, or a /dev/serial/by-id/ path (see `kflashctl devices`)"
-            )
-        present = self.monitor.find(serial)
-        ports = {b.port_path for b in present}
-        if len(ports) > 1:
-            raise QueueError(
-                f"ambiguous board {selector!r}: {len(ports)} connected boards report serial {serial} "
-                f"({', '.join(sorted(b.device_node for b in present))}); flash them one at a time"
-            )
-        board = present[0] if present else None
-        if board is None and named is None:
-            warnings.append(f"no board with serial {serial} is connected now; the job waits for it")
-        config_board = self.config.board_by_serial(serial)
-        return serial, (config_board.name if config_board else None), board, warnings
-
-    def _cmd_list(self, conn: Connection, request: Request) -> Reply:
-        return {"ok": True, "jobs": [j.to_dict() for j in self.store.jobs() if j.state in (JOB_QUEUED, JOB_RUNNING)]}
-
-    def _cmd_history(self, conn: Connection, request: Request) -> Reply:
-        limit = request.get("limit", 50)
-        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10000:
-            return error_reply("bad_request", "limit must be a number from 1 to 10000")
-        return {"ok": True, "jobs": [j.to_dict() for j in self.store.history(limit)]}
-
-    def _cmd_status(self, conn: Connection, request: Request) -> Reply:
-        current = None
-        if self.cycle is not None:
-            current = dict(self.cycle.job.to_dict(), phase=self.cycle.phase, percent=self.cycle.percent)
-        return {
-            "ok": True,
-            "status": self._status_text(),
-            "current": current,
-            "queued": [j.to_dict() for j in self.store.queued()],
-            "klipper_down": self.klipper_down,
-            "printer_busy": self.guard_wait,
-            "boards": self._boards_reply(),
-            "version": __version__,
-            "udev": dict(self.monitor.stats) if self.monitor is not None else None,
-        }
-
-    def _cmd_devices(self, conn: Connection, request: Request) -> Reply:
-        return {"ok": True, "boards": self._boards_reply()}
-
-    def _boards_reply(self) -> List[Dict[str, Any]]:
-        assert self.monitor is not None
-        boards = []
-        for board in sorted(self.monitor.boards.values(), key=lambda b: b.device_node):
-            named = self.config.board_by_serial(board.serial)
-            queued = self.store.queued_for(board.serial)
-            boards.append(dict(board.to_dict(), name=named.name if named else None,
-                               queued_job=queued.id if queued else None))
-        return boards
-
-    def _cmd_cancel(self, conn: Connection, request: Request) -> Reply:
-        job = self.store.cancel(_string(request, "job"))
-        self._log(logging.INFO, "cancelled by user", job, result=JOB_CANCELLED)
-        self._notify_watchers(job, {"event": "end", "job": job.to_dict()})
-        self._update_status()
-        return {"ok": True, "job": job.to_dict()}
-
-    def _cmd_watch(self, conn: Connection, request: Request) -> Optional[Reply]:
-        job = self.store.get(_string(request, "job"))
-        conn.send({"ok": True, "job": job.to_dict()})
-        if job.state not in (JOB_QUEUED, JOB_RUNNING):
-            conn.send({"event": "end", "job": job.to_dict(), "job_id": job.id})
-            conn.finish()
-            return None
-        conn.watching = job.id
-        if self.cycle is not None and self.cycle.job.id == job.id:
-            conn.send({"event": "phase", "phase": self.cycle.phase, "percent": self.cycle.percent, "job_id": job.id})
-        elif self.guard_wait:
-            conn.send({"event": "phase", "phase": "waiting for printer", "message": self.guard_wait, "job_id": job.id})
-        return None
-
-
-def _string(request: Request, key: str) -> str:
-    value = request.get(key)
-    if not isinstance(value, str) or not value:
-        raise QueueError(f"request needs {key!r} as a non-empty string")
-    return value
-
-
-def _flag(request: Request, key: str) -> bool:
-    """A true/false option; anything else is refused (bool("no") would mean --force)."""
-    value = request.get(key)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise QueueError(f"{key!r} must be true or false")
-    return value
-
-
-def _optional_string(request: Request, key: str) -> Optional[str]:
-    value = request.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise QueueError(f"{key!r} must be a string")
-    return value
-
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(

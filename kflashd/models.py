@@ -63,11 +63,6 @@ class Board:
     by_path: Optional[str] = None
     port_path: Optional[str] = None
 
-    @property
-    def key(self) -> str:
-        """Identity across mode switches (serial, plus the port where serials collide)."""
-        return self.serial
-
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 

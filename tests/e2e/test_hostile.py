@@ -702,13 +702,13 @@ def test_ambiguous_serial_is_refused(tmp_path):
     try:
         data = make_image(mcu=MCU, size=3000, seed=1)
         for selector in ("12345", f"/dev/serial/by-id/usb-katapult_{MCU}_12345-if00"):
-            reply = daemon._handle_request(None, queue_request(data, board=selector))  # type: ignore[arg-type]
+            reply = daemon.commands.handle(None, queue_request(data, board=selector))  # type: ignore[arg-type]
             assert reply is not None and reply["ok"] is False, reply
             assert f"ambiguous board {selector!r}: 2 connected boards report serial 12345" in reply["error"]
             assert "/dev/ttyACM0, /dev/ttyACM1" in reply["error"]
         # Not even by its device node: a job follows its board by serial (the node changes
         # when the board reboots into Katapult), and two boards report this one.
-        reply = daemon._handle_request(None, queue_request(data, board="/dev/ttyACM1"))  # type: ignore[arg-type]
+        reply = daemon.commands.handle(None, queue_request(data, board="/dev/ttyACM1"))  # type: ignore[arg-type]
         assert reply is not None and reply["ok"] is False and "ambiguous" in reply["error"], reply
         assert not (tmp_path / "state" / "jobs").exists() or not os.listdir(tmp_path / "state" / "jobs")
     finally:

@@ -1,0 +1,252 @@
+"""The control protocol's commands: what kflashctl may ask, and the checks on each request.
+
+The control socket (control.py) has already framed the request and checked who sent it;
+this module validates every field (a request is hostile until proven otherwise), turns it
+into daemon actions and builds the reply. It runs on the loop thread and never blocks on
+anything but the daemon's own state; it never opens or executes a path a client sent.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import logging
+import re
+import time
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+
+from . import __version__, firmware, journal
+from .control import Connection, Reply, Request, error_reply
+from .cycle import image_matches_board
+from .devices import serial_from_by_id
+from .errors import QueueError
+from .models import JOB_CANCELLED, JOB_QUEUED, JOB_RUNNING, MODE_KATAPULT, Board, Job
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+_SERIAL_RE = re.compile(r"\A[0-9A-Fa-f]{4,64}\Z")  # not "$": it also matches before a final "\n"
+
+
+class Commands:
+    """One method per command (`_cmd_<name>`); anything else is an unknown command."""
+
+    def __init__(self, daemon: "Daemon") -> None:
+        self.daemon = daemon
+
+    def handle(self, conn: Connection, request: Request) -> Optional[Reply]:
+        cmd = request["cmd"]
+        handler = getattr(self, f"_cmd_{cmd}", None)
+        if handler is None:
+            return error_reply("bad_request", f"unknown command {cmd!r}")
+        try:
+            return handler(conn, request)
+        except QueueError as e:
+            return error_reply("rejected", str(e))
+
+    def _cmd_ping(self, conn: Connection, request: Request) -> Reply:
+        return {"ok": True, "version": __version__}
+
+    def _cmd_queue(self, conn: Connection, request: Request) -> Reply:
+        selector = _string(request, "board")
+        image_b64 = _string(request, "image")
+        sha256 = _string(request, "sha256").lower()
+        force = _flag(request, "force")
+        now = _flag(request, "now")
+        image_mcu = _optional_string(request, "mcu")
+        image_version = _optional_string(request, "version")
+        try:
+            image = base64.b64decode(image_b64, validate=True)
+        except (binascii.Error, ValueError):
+            return error_reply("bad_request", "image is not valid base64")
+        if not image:
+            return error_reply("rejected", "the image is empty")
+        if len(image) > self.daemon.config.max_image_size:
+            return error_reply(
+                "rejected",
+                f"the image is {len(image)} bytes, more than max_image_size "
+                f"({self.daemon.config.max_image_size}); is it really a firmware image?",
+            )
+        if hashlib.sha256(image).hexdigest() != sha256:
+            return error_reply("rejected", "the image's sha256 does not match: transfer damaged")
+        # The client's word on the MCU is checked against the bytes themselves: a Klipper
+        # build embeds its data dictionary (with config.MCU) in klipper.bin.
+        embedded = firmware.info_from_image(image)
+        if embedded.mcu and image_mcu and embedded.mcu.lower() != image_mcu.lower() and not force:
+            return error_reply(
+                "mismatch",
+                f"the image says it is built for {embedded.mcu}, but its klipper.dict says "
+                f"{image_mcu}: a stale klipper.dict? rebuild, or queue again with --force",
+            )
+        image_mcu = embedded.mcu or image_mcu
+        image_version = embedded.version or image_version
+        serial, name, board, warnings = self._resolve_selector(selector)
+        if board is not None and not force:
+            refusal = image_matches_board(image_mcu, board, self.daemon.config)
+            if refusal:
+                return error_reply("mismatch", refusal)
+        job = Job(
+            id=self.daemon.store.new_id(),
+            selector=selector,
+            serial=serial,
+            board_name=name,
+            image_sha256=sha256,
+            image_size=len(image),
+            created=time.time(),
+            image_mcu=image_mcu,
+            image_version=image_version,
+            force=force,
+            now=now,
+            message="waiting for the board in Katapult" if not now else "waiting for the board",
+        )
+        replaced = self.daemon.store.stage(job, image)
+        if replaced is not None:
+            warnings.append(f"replaces job {replaced.id}, which was queued for the same board")
+            self.daemon.notify_watchers(replaced, {"event": "end", "job": replaced.to_dict()})
+        if now and board is None:
+            warnings.append("--now: the board is not connected; the job waits for it")
+        elif now and board is not None and board.mode == MODE_KATAPULT:
+            warnings.append("--now: the board already waits in Katapult")
+        self.daemon.log_job(
+            logging.INFO,
+            f"staged: {len(image)} bytes, sha256 {sha256[:12]}"
+            + (f", {image_mcu}" if image_mcu else "")
+            + (" (forced)" if force else ""),
+            job,
+            message_id=journal.MSG_JOB_STAGED,
+        )
+        self.daemon.reactor.call_soon_threadsafe(self.daemon.schedule)
+        return {
+            "ok": True,
+            "job": job.to_dict(),
+            "replaced": replaced.to_dict() if replaced else None,
+            "warnings": warnings,
+        }
+
+    def _resolve_selector(
+        self, selector: str
+    ) -> Tuple[str, Optional[str], Optional[Board], List[str]]:
+        """Board name, USB serial, or by-id path (either mode) -> (serial, name, board, warnings)."""
+        assert self.daemon.monitor is not None
+        warnings: List[str] = []
+        named = self.daemon.config.board_by_name(selector)
+        if named is not None:
+            serial = named.serial
+        elif selector.startswith("/dev/"):
+            present = [b for b in self.daemon.monitor.boards.values() if selector in (b.by_id, b.by_path, b.device_node)]
+            by_id_serial = serial_from_by_id(selector)
+            if present:
+                serial = present[0].serial
+            elif by_id_serial:
+                serial = by_id_serial
+            else:
+                raise QueueError(
+                    f"unknown board {selector!r}: no connected board has that path, and it is not "
+                    f"a /dev/serial/by-id/usb-katapult_… or usb-Klipper_… name"
+                )
+        elif _SERIAL_RE.match(selector):
+            serial = selector
+        else:
+            names = ", ".join(sorted(self.daemon.config.boards)) or "none configured"
+            raise QueueError(
+                f"unknown board {selector!r}: give a board name from the config (known: {names}), a "
+                f"USB serial number, or a /dev/serial/by-id/ path (see `kflashctl devices`)"
+            )
+        present = self.daemon.monitor.find(serial)
+        ports = {b.port_path for b in present}
+        if len(ports) > 1:
+            raise QueueError(
+                f"ambiguous board {selector!r}: {len(ports)} connected boards report serial {serial} "
+                f"({', '.join(sorted(b.device_node for b in present))}); flash them one at a time"
+            )
+        board = present[0] if present else None
+        if board is None and named is None:
+            warnings.append(f"no board with serial {serial} is connected now; the job waits for it")
+        config_board = self.daemon.config.board_by_serial(serial)
+        return serial, (config_board.name if config_board else None), board, warnings
+
+    def _cmd_list(self, conn: Connection, request: Request) -> Reply:
+        return {"ok": True, "jobs": [j.to_dict() for j in self.daemon.store.jobs() if j.state in (JOB_QUEUED, JOB_RUNNING)]}
+
+    def _cmd_history(self, conn: Connection, request: Request) -> Reply:
+        limit = request.get("limit", 50)
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10000:
+            return error_reply("bad_request", "limit must be a number from 1 to 10000")
+        return {"ok": True, "jobs": [j.to_dict() for j in self.daemon.store.history(limit)]}
+
+    def _cmd_status(self, conn: Connection, request: Request) -> Reply:
+        current = None
+        if self.daemon.cycle is not None:
+            current = dict(self.daemon.cycle.job.to_dict(), phase=self.daemon.cycle.phase, percent=self.daemon.cycle.percent)
+        return {
+            "ok": True,
+            "status": self.daemon.status_text(),
+            "current": current,
+            "queued": [j.to_dict() for j in self.daemon.store.queued()],
+            "klipper_down": self.daemon.klipper_down,
+            "printer_busy": self.daemon.guard_wait,
+            "boards": self._boards_reply(),
+            "version": __version__,
+            "udev": dict(self.daemon.monitor.stats) if self.daemon.monitor is not None else None,
+        }
+
+    def _cmd_devices(self, conn: Connection, request: Request) -> Reply:
+        return {"ok": True, "boards": self._boards_reply()}
+
+    def _boards_reply(self) -> List[Dict[str, Any]]:
+        assert self.daemon.monitor is not None
+        boards = []
+        for board in sorted(self.daemon.monitor.boards.values(), key=lambda b: b.device_node):
+            named = self.daemon.config.board_by_serial(board.serial)
+            queued = self.daemon.store.queued_for(board.serial)
+            boards.append(dict(board.to_dict(), name=named.name if named else None,
+                               queued_job=queued.id if queued else None))
+        return boards
+
+    def _cmd_cancel(self, conn: Connection, request: Request) -> Reply:
+        job = self.daemon.store.cancel(_string(request, "job"))
+        self.daemon.log_job(logging.INFO, "cancelled by user", job, result=JOB_CANCELLED)
+        self.daemon.notify_watchers(job, {"event": "end", "job": job.to_dict()})
+        self.daemon.update_status()
+        return {"ok": True, "job": job.to_dict()}
+
+    def _cmd_watch(self, conn: Connection, request: Request) -> Optional[Reply]:
+        job = self.daemon.store.get(_string(request, "job"))
+        conn.send({"ok": True, "job": job.to_dict()})
+        if job.state not in (JOB_QUEUED, JOB_RUNNING):
+            conn.send({"event": "end", "job": job.to_dict(), "job_id": job.id})
+            conn.finish()
+            return None
+        conn.watching = job.id
+        if self.daemon.cycle is not None and self.daemon.cycle.job.id == job.id:
+            conn.send({"event": "phase", "phase": self.daemon.cycle.phase, "percent": self.daemon.cycle.percent, "job_id": job.id})
+        elif self.daemon.guard_wait:
+            conn.send({"event": "phase", "phase": "waiting for printer", "message": self.daemon.guard_wait, "job_id": job.id})
+        return None
+
+
+def _string(request: Request, key: str) -> str:
+    value = request.get(key)
+    if not isinstance(value, str) or not value:
+        raise QueueError(f"request needs {key!r} as a non-empty string")
+    return value
+
+
+def _flag(request: Request, key: str) -> bool:
+    """A true/false option; anything else is refused (bool("no") would mean --force)."""
+    value = request.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise QueueError(f"{key!r} must be true or false")
+    return value
+
+
+def _optional_string(request: Request, key: str) -> Optional[str]:
+    value = request.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise QueueError(f"{key!r} must be a string")
+    return value
