@@ -131,6 +131,11 @@ class Commands:
         assert self.daemon.monitor is not None
         warnings: List[str] = []
         named = self.daemon.config.board_by_name(selector)
+        if named is not None and named.serial is None:
+            raise QueueError(
+                f"board {selector!r} is a CAN board (canbus_uuid {named.canbus_uuid}): "
+                f"this kflashd cannot flash CAN boards yet"
+            )
         if named is not None:
             serial = named.serial
         elif selector.startswith("/dev/"):

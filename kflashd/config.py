@@ -27,9 +27,27 @@ DEFAULT_MAX_IMAGE_SIZE = 8 * 1024 * 1024  # larger than any MCU flash Klipper su
 
 @dataclass
 class BoardConfig:
+    """One `[boards.NAME]` table: how a board is recognised and what may be done to it.
+
+    A USB board is recognised by `serial` (and `port` where serials repeat: boards built
+    without the chip id all report 12345); a CAN toolhead by `canbus_uuid` on
+    `canbus_interface`. `katapult` says the board is known to run Katapult, so it may be
+    asked to reboot into it (`--now`); `kconfig` is its saved Klipper build config.
+    """
+
     name: str
-    serial: str
+    serial: Optional[str] = None
     mcu: Optional[str] = None
+    port: Optional[str] = None
+    katapult: bool = False
+    canbus_uuid: Optional[str] = None
+    canbus_interface: Optional[str] = None
+    kconfig: Optional[str] = None
+
+    def as_dict(self) -> Dict[str, Any]:
+        """The keys that were set, as the config file spells them."""
+        keys = ("serial", "mcu", "port", "katapult", "canbus_uuid", "canbus_interface", "kconfig")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) not in (None, False)}
 
 
 @dataclass
@@ -50,6 +68,7 @@ class Config:
     timeout_service: float = 30
     timeout_bootloader: float = 15
     timeout_reboot: float = 15
+    timeout_resume: float = 3600
     guard_retry: float = 10
     klipper_retry: float = 30
     boards: Dict[str, BoardConfig] = field(default_factory=dict)
@@ -62,11 +81,13 @@ class Config:
     def board_by_name(self, name: str) -> Optional[BoardConfig]:
         return self.boards.get(name)
 
-    def board_by_serial(self, serial: str) -> Optional[BoardConfig]:
-        for board in self.boards.values():
-            if board.serial == serial:
-                return board
-        return None
+    def board_by_serial(self, serial: str, port: Optional[str] = None) -> Optional[BoardConfig]:
+        """The configured board with this USB serial; where several share it (boards built
+        without the chip id), the one whose `port` is `port` (None when none matches)."""
+        matches = [b for b in self.boards.values() if b.serial is not None and b.serial == serial]
+        if len(matches) > 1 or (port is not None and matches and matches[0].port is not None):
+            matches = [b for b in matches if b.port == port]
+        return matches[0] if len(matches) == 1 else None
 
     def check_paths(self) -> List[str]:
         """Validate what the daemon needs on disk; return warnings for what it can live without.
@@ -107,6 +128,7 @@ _SCALARS: Dict[Tuple[str, str], Tuple[str, Tuple[type, ...], str]] = {
     ("timeouts", "service"): ("timeout_service", (int, float), "seconds"),
     ("timeouts", "bootloader"): ("timeout_bootloader", (int, float), "seconds"),
     ("timeouts", "reboot"): ("timeout_reboot", (int, float), "seconds (0: don't wait)"),
+    ("timeouts", "resume"): ("timeout_resume", (int, float), "seconds within which an image cut off mid-write by a crash is flashed again"),
     ("timeouts", "guard_retry"): ("guard_retry", (int, float), "seconds between print-guard checks"),
     ("timeouts", "klipper_retry"): ("klipper_retry", (int, float), "seconds between tries to start a Klipper that is down"),
 }
@@ -117,6 +139,7 @@ _MINIMUM = {
     "timeouts.service": 1,
     "timeouts.bootloader": 1,
     "timeouts.reboot": 0,
+    "timeouts.resume": 0,
     "timeouts.guard_retry": 0.1,
     "timeouts.klipper_retry": 0.1,
     "max_image_size": 1,
@@ -195,23 +218,65 @@ def _set_scalar(config: Config, section: str, key: str, value: Any, path: str) -
     config.sources[name] = path
 
 
+# [boards.NAME] keys: (expected type, pattern the value must match or None, what is expected)
+_BOARD_KEYS: Dict[str, Tuple[type, Optional[str], str]] = {
+    "serial": (str, r"[0-9A-Za-z]{1,64}", "the board's USB serial number (`kflashctl devices`)"),
+    "mcu": (str, r"[0-9A-Za-z_.-]{1,64}", "an MCU type like 'stm32f446xx'"),
+    "port": (str, r"[0-9]+-[0-9]+(\.[0-9]+)*", "a USB port path like '1-1.3' (`kflashctl devices`)"),
+    "katapult": (bool, None, "true or false"),
+    "canbus_uuid": (str, r"[0-9a-f]{12}", "a CAN bus UUID: 12 lower-case hex digits, as in printer.cfg"),
+    "canbus_interface": (str, r"[0-9A-Za-z_.-]{1,15}", "a network interface name like 'can0'"),
+    "kconfig": (str, r"/.+", "an absolute path to a saved Klipper .config"),
+}
+
+
 def _apply_boards(config: Config, boards: Mapping[str, Any], path: str) -> None:
+    import re
+
     for name, table in boards.items():
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: boards.{name} must be a table ([boards.{name}])")
-        unknown = set(table) - {"serial", "mcu"}
+        unknown = set(table) - set(_BOARD_KEYS)
         if unknown:
             raise ConfigError(
-                f"{path}: unknown key 'boards.{name}.{sorted(unknown)[0]}' (known: serial, mcu)"
+                f"{path}: unknown key 'boards.{name}.{sorted(unknown)[0]}' "
+                f"(known: {', '.join(_BOARD_KEYS)})"
             )
-        serial = table.get("serial")
-        if not isinstance(serial, str) or not serial:
-            raise ConfigError(f"{path}: boards.{name}.serial must be the board's USB serial")
-        mcu = table.get("mcu")
-        if mcu is not None and not isinstance(mcu, str):
-            raise ConfigError(f"{path}: boards.{name}.mcu must be an MCU type like 'stm32f446xx'")
-        config.boards[name] = BoardConfig(name=name, serial=serial, mcu=mcu)
+        for key, value in table.items():
+            kind, pattern, expected = _BOARD_KEYS[key]
+            if not isinstance(value, kind) or (pattern and not re.fullmatch(pattern, value)):
+                raise ConfigError(f"{path}: boards.{name}.{key} must be {expected}, not {value!r}")
+        if "serial" not in table and "canbus_uuid" not in table:
+            raise ConfigError(
+                f"{path}: boards.{name} needs serial (a USB board) or canbus_uuid (a CAN board)"
+            )
+        if "canbus_interface" in table and "canbus_uuid" not in table:
+            raise ConfigError(f"{path}: boards.{name}.canbus_interface needs canbus_uuid too")
+        board = BoardConfig(name=name, **table)
+        if board.canbus_uuid and not board.canbus_interface:
+            board.canbus_interface = "can0"
+        config.boards[name] = board
         config.sources[f"boards.{name}"] = path
+    _check_board_identities(config, path)
+
+
+def _check_board_identities(config: Config, path: str) -> None:
+    """Two tables may not name the same board: a job for either would be ambiguous."""
+    seen: Dict[Tuple[str, str, Optional[str]], str] = {}
+    for board in config.boards.values():
+        keys = []
+        if board.serial is not None:
+            keys.append(("serial", board.serial, board.port))
+        if board.canbus_uuid is not None:
+            keys.append(("canbus_uuid", board.canbus_uuid, None))
+        for key in keys:
+            other = seen.setdefault(key, board.name)
+            if other != board.name:
+                where = f" on port {key[2]}" if key[2] else ""
+                raise ConfigError(
+                    f"{path}: boards.{other} and boards.{board.name} both name {key[0]} "
+                    f"{key[1]}{where}; boards that share a serial need distinct `port` keys"
+                )
 
 
 UNIT_DIRS = ("/etc/systemd/system", "/run/systemd/system", "/lib/systemd/system", "/usr/lib/systemd/system")
@@ -277,8 +342,6 @@ def describe(config: Config) -> List[Tuple[str, Any, str]]:
         name = _dotted(section, key)
         rows.append((name, getattr(config, attr), config.sources.get(name, "default")))
     for board in config.boards.values():
-        value = {"serial": board.serial}
-        if board.mcu:
-            value["mcu"] = board.mcu
+        value = board.as_dict()
         rows.append((f"boards.{board.name}", value, config.sources.get(f"boards.{board.name}", "")))
     return rows

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pwd
+import re
 
 import pytest
 
@@ -73,7 +74,7 @@ mcu = "stm32f446xx"
         ("[timeouts]\nflash = 0", "timeouts.flash must be at least 1"),
         ("[klipper]\nservices = []", "klipper.services must be a non-empty list"),
         ("[printer]\nx = 1", "unknown section [printer]"),
-        ("[boards.octopus]\nmcu = 'stm32f446xx'", "boards.octopus.serial must be"),
+        ("[boards.octopus]\nmcu = 'stm32f446xx'", "boards.octopus needs serial (a USB board) or canbus_uuid"),
         ("[boards.octopus]\nserial = 'AB'\nmcuu = 'x'", "unknown key 'boards.octopus.mcuu'"),
     ],
 )
@@ -117,3 +118,36 @@ def test_discovery_uses_existing_paths_only(tmp_path, monkeypatch):
     rows = {key: (value, source) for key, value, source in describe(config)}
     assert rows["klipper.dir"][0] == str(home / "klipper")
     assert rows["timeouts.flash"] == (60, "default")
+
+
+def test_board_keys_of_the_design(tmp_path):
+    """Every [boards.NAME] key the design names is accepted and typed; CAN boards need no serial."""
+    path = tmp_path / "kflashd.toml"
+    path.write_text(
+        '[boards.octopus]\nserial = "12345"\nport = "1-1.3"\nkatapult = true\n'
+        'kconfig = "/home/pi/printer_data/config/kflashd/octopus.config"\n'
+        '[boards.skr]\nserial = "12345"\nport = "1-1.4"\n'
+        '[boards.ebb]\ncanbus_uuid = "0e0d81e4210c"\nmcu = "stm32g0b1xx"\n'
+    )
+    c = load_config(str(path))
+    assert c.boards["octopus"].katapult is True and c.boards["octopus"].port == "1-1.3"
+    assert c.boards["ebb"].canbus_interface == "can0" and c.boards["ebb"].serial is None
+    # Two boards report 12345: the port decides, and without one neither is chosen.
+    assert c.board_by_serial("12345", "1-1.4").name == "skr"
+    assert c.board_by_serial("12345") is None
+    assert c.timeout_resume == 3600
+
+
+@pytest.mark.parametrize("table, message", [
+    ('[boards.a]\nmcu = "stm32f446xx"\n', "needs serial (a USB board) or canbus_uuid"),
+    ('[boards.a]\nserial = "1"\nkatapult = "yes"\n', "boards.a.katapult must be true or false"),
+    ('[boards.a]\ncanbus_uuid = "0E0D81E4210C"\n', "boards.a.canbus_uuid must be a CAN bus UUID"),
+    ('[boards.a]\nserial = "1"\nport = "usb3"\n', "boards.a.port must be a USB port path"),
+    ('[boards.a]\nserial = "1"\ncanbus_interface = "can1"\n', "canbus_interface needs canbus_uuid"),
+    ('[boards.a]\nserial = "1"\n[boards.b]\nserial = "1"\n', "boards.a and boards.b both name serial 1"),
+])
+def test_bad_board_tables_name_the_key(tmp_path, table, message):
+    path = tmp_path / "kflashd.toml"
+    path.write_text(table)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(str(path))
