@@ -69,6 +69,7 @@ class Config:
     timeout_bootloader: float = 15
     timeout_reboot: float = 15
     timeout_resume: float = 3600
+    timeout_build: float = 900
     guard_retry: float = 10
     klipper_retry: float = 30
     boards: Dict[str, BoardConfig] = field(default_factory=dict)
@@ -128,6 +129,7 @@ _SCALARS: Dict[Tuple[str, str], Tuple[str, Tuple[type, ...], str]] = {
     ("timeouts", "service"): ("timeout_service", (int, float), "seconds"),
     ("timeouts", "bootloader"): ("timeout_bootloader", (int, float), "seconds"),
     ("timeouts", "reboot"): ("timeout_reboot", (int, float), "seconds (0: don't wait)"),
+    ("timeouts", "build"): ("timeout_build", (int, float), "seconds for one board's build"),
     ("timeouts", "resume"): ("timeout_resume", (int, float), "seconds within which an image cut off mid-write by a crash is flashed again"),
     ("timeouts", "guard_retry"): ("guard_retry", (int, float), "seconds between print-guard checks"),
     ("timeouts", "klipper_retry"): ("klipper_retry", (int, float), "seconds between tries to start a Klipper that is down"),
@@ -140,6 +142,7 @@ _MINIMUM = {
     "timeouts.bootloader": 1,
     "timeouts.reboot": 0,
     "timeouts.resume": 0,
+    "timeouts.build": 1,
     "timeouts.guard_retry": 0.1,
     "timeouts.klipper_retry": 0.1,
     "max_image_size": 1,

@@ -2,10 +2,13 @@
 
 The order is DESIGN.md's and it is the safety argument, so it reads top to bottom in
 `FlashCycle.run()`: refuse a wrong image before anything is touched, ask the print guard,
-write the crash marker, stop Klipper (sudo verified first), reboot the board into Katapult
-if it runs Klipper, check the device is still there, flash (Katapult, then `make flash`),
-wait for the board to come back, start Klipper (on every path, by the context manager),
-remove the marker, and look for proof that the new firmware runs.
+stop Klipper (crash marker and sudo check first: `klipper_stop.KlipperStop`), reboot the
+board into Katapult if it runs Klipper, check the device is still there, flash (Katapult,
+then `make flash`), wait for the board to come back, start Klipper (on every path), and
+look for proof that the new firmware runs.
+
+The steps while Klipper is down (`flash_in_stop`) do not own the stop: a batch
+(`kflashctl update`, batch.py) runs them for several boards inside one stop of its own.
 
 The worker gets plain data (Job, Board, Config) and talks to the loop only through the
 `CycleHost` callbacks; it never touches pyudev or the control socket.
@@ -13,7 +16,6 @@ The worker gets plain data (Job, Board, Config) and talks to the loop only throu
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -21,11 +23,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, MutableMapping, Optional, Tuple
 
-from . import bootloader, flasher, guard, service
+from . import bootloader, flasher, guard
 from .config import Config
 from .errors import DiscoveryError, Interrupted, KflashError, ServiceError
 from .models import MODE_KATAPULT, MODE_KLIPPER, Board, FlashResult, Job
-from .store import JobStore, atomic_write
+from .klipper_stop import KlipperStop
+from .store import JobStore
 
 # Outcomes the loop acts on.
 DONE = "done"
@@ -52,8 +55,12 @@ class Outcome:
 
 
 def job_fields(job: Job) -> Dict[str, str]:
-    """The journal fields that tie a message to one job: `journalctl KFLASHD_JOB=…`."""
-    return {"KFLASHD_JOB": job.id, "KFLASHD_BOARD": job.label, "KFLASHD_SERIAL": job.serial}
+    """The journal fields that tie a message to one job: `journalctl KFLASHD_JOB=…` (and to
+    its batch: `journalctl KFLASHD_BATCH=…`)."""
+    fields = {"KFLASHD_JOB": job.id, "KFLASHD_BOARD": job.label, "KFLASHD_SERIAL": job.serial}
+    if job.batch:
+        fields["KFLASHD_BATCH"] = job.batch
+    return fields
 
 
 class JobLog(logging.LoggerAdapter):
@@ -134,16 +141,14 @@ class FlashCycle:
         self.job = job
         self.board = board
         self.abort = abort
-        self.marker_path = os.path.join(config.runtime_dir, "cycle.marker")
         self.log = JobLog(logging.getLogger("kflashd.cycle"), job)
-        self.start_failure: Optional[str] = None  # why Klipper could not be started again
 
     def run(self) -> Outcome:
+        """One board's whole story, Klipper stopped and started by this job alone."""
         job, config = self.job, self.config
-        if not job.force:
-            refusal = image_matches_board(job.image_mcu, self.board, config)
-            if refusal:
-                return Outcome(FAILED, refusal)
+        refusal = self.refusal()
+        if refusal:
+            return Outcome(FAILED, refusal)
 
         self.host.phase(job, PHASE_GUARD)
         verdict = guard.check_printer_idle(config.klipper_api_socket)
@@ -153,53 +158,48 @@ class FlashCycle:
             self.log.info(f"print guard: {verdict.reason}")
 
         try:
-            image_path = self._checked_image()
+            image_path = self.checked_image()
         except KflashError as e:
             return Outcome(FAILED, str(e))
 
         if self.abort.is_set():  # stopping before anything was touched: leave it all as it is
             return Outcome(INTERRUPTED, "not started: kflashd is stopping")
-        self._write_marker()
-        try:
-            outcome = self._stopped_cycle(image_path)
-        finally:
-            # The marker means "Klipper may be down": it stays while a start failed, so a
-            # restarted daemon still starts Klipper (the daemon removes it once one works).
-            if self.start_failure is None:
-                self._remove_marker()
-        if self.start_failure is not None:
-            # The job's own record says it too: `queue --wait` and `history` show the
-            # message, and a "done" alone would read as "all is well" with Klipper down.
-            outcome.message += f"; KLIPPER IS NOT RUNNING: starting it again failed: {self.start_failure}"
-        return outcome
-
-    def _start_failed(self, message: str) -> None:
-        self.start_failure = message
-        self.host.klipper_start_failed(self.job, message)
-
-    def _stopped_cycle(self, image_path: str) -> Outcome:
-        job, config = self.job, self.config
-        outcome: Optional[Outcome] = None
         self.host.phase(job, PHASE_STOPPING)
+        stop = KlipperStop(config, self.log, {"job": job.id, "serial": self.board.serial},
+                           lambda message: self.host.klipper_start_failed(job, message))
         try:
-            with service.klipper_service_stopped(
-                services=tuple(config.klipper_services),
-                timeout=config.timeout_service,
-                on_start_failed=self._start_failed,
-                log=self.log,  # type: ignore[arg-type]
-            ):
-                outcome = self._flash_stopped(image_path)
+            with stop:
+                outcome = self.flash_in_stop(image_path)
                 self.host.phase(job, PHASE_STARTING)
         except ServiceError as e:
             return Outcome(FAILED, f"Klipper could not be stopped, nothing was flashed: {e}")
+        return self.after_start(outcome, stop.start_failure)
+
+    def refusal(self) -> Optional[str]:
+        """Why this job's image must not go onto this board (checked before Klipper is touched)."""
+        if self.job.force:
+            return None
+        return image_matches_board(self.job.image_mcu, self.board, self.config)
+
+    def after_start(self, outcome: Outcome, start_failure: Optional[str]) -> Outcome:
+        """The job's outcome once Klipper was started again: a failed start is said in the
+        job's own record (`queue --wait` and `history` show it; a "done" alone would read as
+        "all is well" with Klipper down), else a done flash looks for its proof."""
+        if start_failure is not None:
+            outcome.message += f"; KLIPPER IS NOT RUNNING: starting it again failed: {start_failure}"
+        elif outcome.kind == DONE:  # no Klipper to ask otherwise
+            self.confirm_version()
+        return outcome
+
+    def flash_in_stop(self, image_path: str) -> Outcome:
+        """This board's flash while Klipper is stopped (by this job or by a batch): every
+        way it can end is an Outcome, so a batch goes on with its next board."""
+        try:
+            return self._flash_stopped(image_path)
         except Interrupted as e:
             return Outcome(INTERRUPTED, str(e))
         except DiscoveryError as e:
             return Outcome(FAILED, str(e))
-        assert outcome is not None
-        if outcome.kind == DONE and self.start_failure is None:  # no Klipper to ask otherwise
-            self._confirm_version()
-        return outcome
 
     def _flash_stopped(self, image_path: str) -> Outcome:
         """Everything that happens while Klipper is stopped; exceptions end in the caller."""
@@ -277,28 +277,11 @@ class FlashCycle:
         if self.abort.is_set():
             raise Interrupted("flash interrupted: kflashd is stopping")
 
-    def _checked_image(self) -> str:
+    def checked_image(self) -> str:
         self.store.read_image(self.job)  # re-checks the sha256 of the staged bytes
         return self.store.image_path(self.job)
 
-    def _write_marker(self) -> None:
-        data = {
-            "job": self.job.id,
-            "serial": self.board.serial,
-            "services": self.config.klipper_services,
-            "pid": os.getpid(),
-            "time": time.time(),
-        }
-        os.makedirs(self.config.runtime_dir, exist_ok=True)
-        atomic_write(self.marker_path, json.dumps(data).encode())
-
-    def _remove_marker(self) -> None:
-        try:
-            os.unlink(self.marker_path)
-        except FileNotFoundError:
-            pass
-
-    def _confirm_version(self) -> None:
+    def confirm_version(self) -> None:
         """Proof of success: Klipper reports the image's version for this MCU (best effort).
 
         "This MCU" is the [mcu] / [mcu NAME] section whose serial names the board just

@@ -27,6 +27,10 @@ class FlashError(KflashError):
     """A flash could not be attempted at all (missing tool, bad image, MCU mismatch)."""
 
 
+class BuildError(KflashError):
+    """A board's firmware cannot be built (no tree, wrong user, unreadable kconfig)."""
+
+
 class QueueError(KflashError):
     """A job could not be staged, found, or changed (bad request, full disk, unknown id)."""
 

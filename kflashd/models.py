@@ -112,6 +112,7 @@ class Job:
     results: List[FlashResult] = field(default_factory=list)
     mcu_version_after: Optional[str] = None  # what Klipper reported after the flash
     version_confirmed: Optional[bool] = None
+    batch: Optional[str] = None  # the `kflashctl update` batch that built and staged it
 
     @property
     def label(self) -> str:

@@ -130,3 +130,55 @@ def standins(monkeypatch: pytest.MonkeyPatch) -> Iterator[Standins]:
     finally:
         helper.cleanup()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+KLIPPER_TREE = STANDINS_DIR / "klipper"
+NOBODY = 65534
+
+
+def git(tree: Path, *args: str, owner: int = NOBODY) -> str:
+    """Run git in the stand-in tree as its owner (as kflashd does: no dubious-ownership refusal)."""
+    import subprocess
+
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tree), "GIT_CONFIG_NOSYSTEM": "1",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid"}
+    result = subprocess.run(["git", *args], cwd=str(tree), env=env, capture_output=True, text=True,
+                            timeout=30, user=owner, group=owner, extra_groups=[])
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def make_klipper_tree(parent: Path, owner: int = NOBODY, tag: str = "v0.13.0") -> Path:
+    """A git checkout of the stand-in Klipper tree at `parent/klipper`, owned by `owner`.
+
+    Its version (what a build embeds) is `git describe --always --tags --long --dirty`;
+    `klipper_tree_update()` adds a commit, as `git pull` would.
+    """
+    tree = parent / "klipper"
+    shutil.copytree(KLIPPER_TREE, tree)
+    for path in [tree, *tree.rglob("*")]:
+        os.chown(path, owner, owner)
+    git(tree, "init", "-q", owner=owner)
+    git(tree, "add", "-A", owner=owner)
+    git(tree, "commit", "-q", "-m", "stand-in Klipper", owner=owner)
+    git(tree, "tag", tag, owner=owner)
+    return tree
+
+
+def klipper_tree_version(tree: Path, owner: int = NOBODY) -> str:
+    return git(tree, "describe", "--always", "--tags", "--long", "--dirty", owner=owner)
+
+
+def klipper_tree_update(tree: Path, owner: int = NOBODY) -> str:
+    """A new commit in the tree (the user pulled Klipper); returns the new version."""
+    git(tree, "commit", "-q", "--allow-empty", "-m", "an update", owner=owner)
+    return klipper_tree_version(tree, owner)
+
+
+def write_kconfig(path: Path, mcu: str, **options: str) -> Path:
+    """A saved Klipper .config for one board (CONFIG_MCU plus `KFLASHD_TEST_*` knobs)."""
+    lines = ["# saved by the user", f'CONFIG_MCU="{mcu}"']
+    lines += [f"CONFIG_{key.upper()}={value}" for key, value in options.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
