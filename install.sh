@@ -208,7 +208,8 @@ EOF
 
 render_unit() {
     local svc_user=$1 svc_group=$2 klipper_dir=$3
-    local tree_out="-$klipper_dir/out"
+    # make flash writes out/ and builds its flash helper (lib/hidflash, lib/rp2040_flash).
+    local tree_out="-$klipper_dir/out -$klipper_dir/lib/hidflash -$klipper_dir/lib/rp2040_flash"
     if [[ $svc_user == root ]]; then
         # Root mode: make runs as the tree's owner (setuid), the 0700 home is read with
         # CAP_DAC_READ_SEARCH, the flash tool of another user is stopped with CAP_KILL.

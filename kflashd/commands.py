@@ -14,7 +14,8 @@ import hashlib
 import logging
 import re
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from . import __version__, firmware, journal
 from .control import Connection, Reply, Request, error_reply
@@ -27,6 +28,30 @@ if TYPE_CHECKING:
     from .daemon import Daemon
 
 _SERIAL_RE = re.compile(r"\A[0-9A-Fa-f]{4,64}\Z")  # not "$": it also matches before a final "\n"
+
+
+@dataclass
+class Target:
+    """What a request's BOARD resolved to."""
+
+    serial: str
+    port: Optional[str]  # bound USB port path, where boards share the serial
+    name: Optional[str]  # the config's name for it
+    board: Optional[Board]  # connected now
+    warnings: List[str]
+
+
+def ambiguous_serial(selector: str, serial: str, present: List[Board]) -> str:
+    """Why a job that names only a shared serial is refused, and how to name the board."""
+    seen = ", ".join(
+        sorted(f"{b.device_node} on port {b.port_path} ({b.by_path or 'no by-path link'})" for b in present)
+    )
+    return (
+        f"ambiguous board {selector!r}: more than one board reports serial {serial}"
+        + (f" ({seen})" if seen else "")
+        + "; name the board by its USB port: its /dev/serial/by-path/ link, or a "
+        f"[boards.NAME] table with serial = \"{serial}\" and port = \"PORT\" (see `kflashctl devices`)"
+    )
 
 
 class Commands:
@@ -81,7 +106,8 @@ class Commands:
             )
         image_mcu = embedded.mcu or image_mcu
         image_version = embedded.version or image_version
-        serial, name, board, warnings = self._resolve_selector(selector)
+        target = self._resolve_selector(selector)
+        board, warnings = target.board, target.warnings
         if board is not None and not force:
             refusal = image_matches_board(image_mcu, board, self.daemon.config)
             if refusal:
@@ -89,8 +115,9 @@ class Commands:
         job = Job(
             id=self.daemon.store.new_id(),
             selector=selector,
-            serial=serial,
-            board_name=name,
+            serial=target.serial,
+            port=target.port,
+            board_name=target.name,
             image_sha256=sha256,
             image_size=len(image),
             created=time.time(),
@@ -124,12 +151,17 @@ class Commands:
             "warnings": warnings,
         }
 
-    def _resolve_selector(
-        self, selector: str
-    ) -> Tuple[str, Optional[str], Optional[Board], List[str]]:
-        """Board name, USB serial, or by-id path (either mode) -> (serial, name, board, warnings)."""
-        assert self.daemon.monitor is not None
+    def _resolve_selector(self, selector: str) -> "Target":
+        """Board name, USB serial, or a /dev path (by-id in either mode, by-path, the node).
+
+        A serial that more than one board reports (boards built without the chip id all
+        say 12345) names no board: such a board is chosen by its USB port too, from the
+        config's `port` or a /dev/serial/by-path/ link, or the request is refused.
+        """
+        monitor = self.daemon.monitor
+        assert monitor is not None
         warnings: List[str] = []
+        port: Optional[str] = None
         named = self.daemon.config.board_by_name(selector)
         if named is not None and named.serial is None:
             raise QueueError(
@@ -137,12 +169,15 @@ class Commands:
                 f"this kflashd cannot flash CAN boards yet"
             )
         if named is not None:
-            serial = named.serial
+            assert named.serial is not None
+            serial, port = named.serial, named.port
         elif selector.startswith("/dev/"):
-            present = [b for b in self.daemon.monitor.boards.values() if selector in (b.by_id, b.by_path, b.device_node)]
+            present = [b for b in monitor.boards.values() if selector in (b.by_id, b.by_path, b.device_node)]
             by_id_serial = serial_from_by_id(selector)
             if present:
                 serial = present[0].serial
+                if selector == present[0].by_path:
+                    port = present[0].port_path  # a by-path link names the port itself
             elif by_id_serial:
                 serial = by_id_serial
             else:
@@ -158,18 +193,15 @@ class Commands:
                 f"unknown board {selector!r}: give a board name from the config (known: {names}), a "
                 f"USB serial number, or a /dev/serial/by-id/ path (see `kflashctl devices`)"
             )
-        present = self.daemon.monitor.find(serial)
-        ports = {b.port_path for b in present}
-        if len(ports) > 1:
-            raise QueueError(
-                f"ambiguous board {selector!r}: {len(ports)} connected boards report serial {serial} "
-                f"({', '.join(sorted(b.device_node for b in present))}); flash them one at a time"
-            )
+        present = [b for b in monitor.find(serial) if port is None or b.port_path == port]
+        if port is None and monitor.serial_is_shared(serial):
+            raise QueueError(ambiguous_serial(selector, serial, monitor.find(serial)))
         board = present[0] if present else None
         if board is None and named is None:
-            warnings.append(f"no board with serial {serial} is connected now; the job waits for it")
-        config_board = self.daemon.config.board_by_serial(serial)
-        return serial, (config_board.name if config_board else None), board, warnings
+            where = f" on port {port}" if port else ""
+            warnings.append(f"no board with serial {serial}{where} is connected now; the job waits for it")
+        config_board = self.daemon.config.board_by_serial(serial, port)
+        return Target(serial, port, config_board.name if config_board else None, board, warnings)
 
     def _cmd_list(self, conn: Connection, request: Request) -> Reply:
         return {"ok": True, "jobs": [j.to_dict() for j in self.daemon.store.jobs() if j.state in (JOB_QUEUED, JOB_RUNNING)]}
@@ -203,8 +235,8 @@ class Commands:
         assert self.daemon.monitor is not None
         boards = []
         for board in sorted(self.daemon.monitor.boards.values(), key=lambda b: b.device_node):
-            named = self.daemon.config.board_by_serial(board.serial)
-            queued = self.daemon.store.queued_for(board.serial)
+            named = self.daemon.config.board_by_serial(board.serial, board.port_path)
+            queued = self.daemon.store.queued_for(board.serial, board.port_path)
             boards.append(dict(board.to_dict(), name=named.name if named else None,
                                queued_job=queued.id if queued else None))
         return boards

@@ -86,7 +86,8 @@ class CycleHost:
         raise NotImplementedError
 
     def wait_for_board(
-        self, serial: str, mode: str, timeout: float, abort: threading.Event
+        self, serial: str, mode: str, timeout: float, abort: threading.Event,
+        port: Optional[str] = None,
     ) -> Optional[Board]:
         raise NotImplementedError
 
@@ -115,13 +116,31 @@ def image_matches_board(image_mcu: Optional[str], board: Board, config: Config) 
     return None
 
 
+def flash_target(board: Board) -> str:
+    """The path the flash tools get: the board's /dev/serial/by-id link, checked to point
+    at the node udev reported (else its by-path link, which is unique where boards share
+    a serial and so their by-id name). Never a bare /dev/ttyACMn: after a replug that node
+    may belong to another board. Raises DiscoveryError when no link leads to the board.
+    """
+    flasher.verify_device_path(board.device_node)
+    node = os.path.realpath(board.device_node)
+    for link in (board.by_id, board.by_path):
+        if link and os.path.realpath(link) == node:
+            return link
+    raise DiscoveryError(
+        f"Device no longer connected: {board.device_node} is no longer board {board.serial} "
+        f"(its /dev/serial links lead elsewhere or are gone: unplugged or reset?); nothing "
+        f"was written"
+    )
+
+
 def still_connected(board: Board) -> bool:
-    """The board's node is there and, where udev gave a by-id link, that link still points
-    at it: a node that another board took over after an unplug does not count."""
-    if not os.path.exists(board.device_node):
+    """The board's node is there and a by-id/by-path link of it still points at it: a node
+    that another board took over after an unplug does not count."""
+    try:
+        flash_target(board)
+    except DiscoveryError:
         return False
-    if board.by_id:
-        return os.path.realpath(board.by_id) == os.path.realpath(board.device_node)
     return True
 
 
@@ -220,15 +239,11 @@ class FlashCycle:
                 )
             board = self.board = found
 
-        if not still_connected(board):
-            # Unplugged, or its node now belongs to another board: never flash by a stale node.
-            raise DiscoveryError(
-                f"Device no longer connected: {board.device_node} (board {board.serial} was "
-                f"unplugged or reset before the flash; nothing was written)"
-            )
+        # Unplugged, or its node now belongs to another board: never flash by a stale node.
+        target = flash_target(board)
         self.host.phase(job, PHASE_FLASHING, 0)
         result = flasher.flash_device(
-            board.device_node,
+            target,
             image_path,
             config.katapult_dir,
             config.klipper_dir,
@@ -249,7 +264,9 @@ class FlashCycle:
 
         if config.timeout_reboot > 0:
             self.host.phase(job, PHASE_REBOOT)
-            back = self.host.wait_for_board(board.serial, MODE_KLIPPER, config.timeout_reboot, self.abort)
+            back = self.host.wait_for_board(
+                board.serial, MODE_KLIPPER, config.timeout_reboot, self.abort, port=board.port_path
+            )
             if back is None and self.abort.is_set():
                 return Outcome(DONE, f"{done} (reboot not awaited: kflashd was stopping)", result)
             if back is None:
@@ -269,7 +286,9 @@ class FlashCycle:
 
     def _await_board(self, mode: str, timeout: float) -> Optional[Board]:
         """The board back in `mode` (same serial), through udev; None at the timeout."""
-        found = self.host.wait_for_board(self.board.serial, mode, timeout, self.abort)
+        found = self.host.wait_for_board(
+            self.board.serial, mode, timeout, self.abort, port=self.board.port_path
+        )
         self._check_abort()
         return found
 

@@ -23,7 +23,7 @@ import threading
 from typing import Any, Dict, List, Optional
 
 from . import __version__, journal
-from .commands import Commands
+from .commands import Commands, ambiguous_serial
 from .config import Config, load_config
 from .control import ControlServer
 from .cycle import BUSY, DONE, FAILED, INTERRUPTED, PHASE_STOPPING, CycleHost, FlashCycle, Outcome
@@ -48,13 +48,21 @@ from .store import JobStore
 log = logging.getLogger("kflashd")
 
 class BoardWaiter:
-    __slots__ = ("serial", "mode", "event", "board")
+    """A cycle waiting for its board in a mode: same serial, and same USB port where known
+    (a board keeps its port across the reboot between Klipper and Katapult)."""
 
-    def __init__(self, serial: str, mode: str) -> None:
+    __slots__ = ("serial", "port", "mode", "event", "board")
+
+    def __init__(self, serial: str, mode: str, port: Optional[str]) -> None:
         self.serial = serial
+        self.port = port
         self.mode = mode
         self.event = threading.Event()
         self.board: Optional[Board] = None
+
+    def wants(self, board: Board) -> bool:
+        return (board.serial == self.serial and board.mode == self.mode
+                and (self.port is None or board.port_path == self.port))
 
 
 class RunningCycle:
@@ -282,6 +290,10 @@ class Daemon(CycleHost):
             self.update_status()
             return
         for job in self.store.queued():
+            if job.port is None and self.monitor.serial_is_shared(job.serial):
+                self._finish(job, JOB_FAILED, ambiguous_serial(job.selector, job.serial,
+                                                               self.monitor.find(job.serial)))
+                continue
             board = self._board_for(job)
             if board is not None:
                 self._start_cycle(job, board)
@@ -289,14 +301,13 @@ class Daemon(CycleHost):
         self.update_status()
 
     def _board_for(self, job: Job) -> Optional[Board]:
+        """The job's board, if it is ready: in Katapult, or (for --now) running Klipper."""
         assert self.monitor is not None
-        in_katapult = self.monitor.find(job.serial, MODE_KATAPULT)
-        if in_katapult:
-            return in_katapult[0]
-        if job.now:
-            in_klipper = self.monitor.find(job.serial, MODE_KLIPPER)
-            if in_klipper:
-                return in_klipper[0]
+        modes = (MODE_KATAPULT, MODE_KLIPPER) if job.now else (MODE_KATAPULT,)
+        for mode in modes:
+            for board in self.monitor.find(job.serial, mode):
+                if job.fits(board):
+                    return board
         return None
 
     def _start_cycle(self, job: Job, board: Board) -> None:
@@ -404,9 +415,10 @@ class Daemon(CycleHost):
         self.reactor.call_soon_threadsafe(update)
 
     def wait_for_board(
-        self, serial: str, mode: str, timeout: float, abort: threading.Event
+        self, serial: str, mode: str, timeout: float, abort: threading.Event,
+        port: Optional[str] = None,
     ) -> Optional[Board]:
-        waiter = BoardWaiter(serial, mode)
+        waiter = BoardWaiter(serial, mode, port)
         with self._waiters_lock:
             self._waiters.append(waiter)
             if abort.is_set():  # a stop signal came before we were on the list to be woken
@@ -422,7 +434,7 @@ class Daemon(CycleHost):
 
     def _check_waiter(self, waiter: BoardWaiter) -> None:
         assert self.monitor is not None
-        found = self.monitor.find(waiter.serial, waiter.mode)
+        found = [b for b in self.monitor.find(waiter.serial, waiter.mode) if waiter.wants(b)]
         if found:
             waiter.board = found[0]
             waiter.event.set()
@@ -430,7 +442,7 @@ class Daemon(CycleHost):
     def _wake_waiters(self, board: Board) -> None:
         with self._waiters_lock:
             for waiter in self._waiters:
-                if waiter.serial == board.serial and waiter.mode == board.mode:
+                if waiter.wants(board):
                     waiter.board = board
                     waiter.event.set()
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import errno
 import re
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 from .errors import DiscoveryError
 from .models import KATAPULT_USB_ID, KLIPPER_USB_ID, MODE_KATAPULT, MODE_KLIPPER, Board
@@ -95,6 +95,9 @@ class BoardMonitor:
         self._monitor = pyudev.Monitor.from_netlink(self._context)
         self._monitor.filter_by("tty")
         self.boards: Dict[str, Board] = {}
+        # Serials seen on two USB ports at once (boards built without the chip id all say
+        # 12345): a chip id is unique, so such a serial names no board by itself, ever.
+        self.shared_serials: Set[str] = set()
         # Counters for `kflashctl status --json` and the benchmark: a uevent burst must
         # show every event seen (or an overflow that forced a re-read), never a silent loss.
         self.stats: Dict[str, int] = {"uevents": 0, "board_events": 0, "overflows": 0}
@@ -109,6 +112,7 @@ class BoardMonitor:
             board = board_from_device(device)
             if board is not None:
                 self.boards[board.sys_path] = board
+                self._note_ports(board.serial)
         return list(self.boards.values())
 
     def fileno(self) -> int:
@@ -142,6 +146,7 @@ class BoardMonitor:
                 if board is not None:
                     known = self.boards.get(board.sys_path)
                     self.boards[board.sys_path] = board
+                    self._note_ports(board.serial)
                     if known != board:
                         self.stats["board_events"] += 1
                         yield "add", board
@@ -153,12 +158,21 @@ class BoardMonitor:
             board = board_from_device(device)
             if board is not None:
                 self.boards[board.sys_path] = board
+                self._note_ports(board.serial)
         for sys_path, board in old.items():
             if sys_path not in self.boards:
                 yield "remove", board
         for sys_path, board in self.boards.items():
             if old.get(sys_path) != board:
                 yield "add", board
+
+    def _note_ports(self, serial: str) -> None:
+        if len({b.port_path for b in self.find(serial)}) > 1:
+            self.shared_serials.add(serial)
+
+    def serial_is_shared(self, serial: str) -> bool:
+        """Whether this serial was seen on more than one board (at once) since start-up."""
+        return serial in self.shared_serials
 
     def find(self, serial: str, mode: Optional[str] = None) -> List[Board]:
         return [

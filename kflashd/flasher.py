@@ -282,13 +282,9 @@ def _fallback_refusal(firmware_path: str, klipper_dir: Optional[str]) -> Tuple[O
             f"make flash not tried: {built} differs from the image being flashed "
             f"(make flash would write a different image)"
         ), -1
-    owner = os.stat(tree).st_uid
-    if owner == 0:
-        return (
-            f"make flash not tried: the Klipper tree {tree} is owned by root, and make "
-            f"runs as the tree's owner, never as root"
-        ), -1
-    return None, owner
+    # make runs as the tree's owner: a tree that root owns (some images install it so) is
+    # built as root anyway, so running make as root there is no escalation.
+    return None, os.stat(tree).st_uid
 
 
 def _make_flash(
@@ -304,7 +300,11 @@ def _make_flash(
     if make is None:
         return False, "make not found on PATH", False
     tree = os.path.expanduser(klipper_dir)
-    argv = [make, f"FLASH_DEVICE={device_path}", "flash"]
+    # NOSUDO=1: Klipper's flash_usb.py calls sudo only for the DFU, hid-flash and picoboot
+    # paths of a board that is not in Katapult; kflashd runs make flash only for a board
+    # that waits in Katapult (then flash_usb.py runs the tree's copy of flashtool.py), and
+    # a sudo from the unit (NoNewPrivileges=yes) could only fail or wait for a password.
+    argv = [make, "NOSUDO=1", f"FLASH_DEVICE={device_path}", "flash"]
     if progress is not None:
         progress(PHASE_MAKE_FLASH, 0)
     # flash_usb.py runs flashtool.py, whose marks come through make: show them as one phase.
@@ -341,7 +341,17 @@ def _make_flash(
         return settled
     if result.timed_out:
         return False, f"make flash timed out after {timeout:g} s", False
-    return False, _make_error(result) or f"make flash failed ({result.describe_failure()})", False
+    error = _make_error(result) or f"make flash failed ({result.describe_failure()})"
+    if "Read-only file system" in result.output:
+        # Before flashing, Klipper's `flash` target builds a helper in the tree (STM32:
+        # lib/hidflash, RP2040: lib/rp2040_flash); the unit keeps the home read-only except
+        # the paths install.sh lists for the configured tree.
+        error += (
+            f" (the service may write only {tree}/out and the flash helpers' lib/ "
+            f"directories of the Klipper tree it was installed for: set [klipper] dir and run "
+            f"`sudo ./install.sh` again)"
+        )
+    return False, error, False
 
 
 def flash_device(
@@ -371,6 +381,12 @@ def flash_device(
 
     def elapsed() -> float:
         return time.monotonic() - started
+
+    if device_present is not None and not device_present():
+        # Checked right before the tool starts: the path must still lead to the board.
+        return FlashResult(False, METHOD_KATAPULT, elapsed(), (
+            f"Device no longer connected: {device_path} no longer leads to the board "
+            f"(unplugged or reset?); nothing was written"))
 
     ok, katapult_error, aborted = _katapult(
         device_path, firmware_path, katapult_dir, timeout, baud, progress, abort, log

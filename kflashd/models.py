@@ -101,6 +101,9 @@ class Job:
     image_sha256: str
     image_size: int
     created: float
+    # The USB port path ("1-1.3") the job is bound to: set when boards share its serial
+    # (the config's `port`, or a /dev/serial/by-path/ selector); None matches any port.
+    port: Optional[str] = None
     image_mcu: Optional[str] = None  # klipper.dict config.MCU, when the client found it
     image_version: Optional[str] = None  # klipper.dict version
     force: bool = False
@@ -113,6 +116,17 @@ class Job:
     mcu_version_after: Optional[str] = None  # what Klipper reported after the flash
     version_confirmed: Optional[bool] = None
     batch: Optional[str] = None  # the `kflashctl update` batch that built and staged it
+
+    def fits(self, board: "Board") -> bool:
+        """Whether `board` is this job's board: its serial, and its port where bound."""
+        return board.serial == self.serial and (self.port is None or board.port_path == self.port)
+
+    def same_board(self, other: "Job") -> bool:
+        """Whether two jobs aim at the same board (unbound ports count as the same: a job
+        for a shared serial without a port is ambiguous, so it never slips past another)."""
+        return self.serial == other.serial and (
+            self.port is None or other.port is None or self.port == other.port
+        )
 
     @property
     def label(self) -> str:

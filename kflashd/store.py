@@ -294,7 +294,7 @@ class JobStore:
         lines: List[str] = []
         newest: Dict[str, Job] = {}
         for job in sorted(self._queued_locked(), key=lambda j: (j.created, j.id), reverse=True):
-            keeper = newest.setdefault(job.serial, job)
+            keeper = newest.setdefault(f"{job.serial}@{job.port or ''}", job)
             if keeper is job:
                 continue
             line = (
@@ -351,12 +351,12 @@ class JobStore:
             if hashlib.sha256(image).hexdigest() != job.image_sha256:
                 raise QueueError("the image's sha256 does not match the job's: transfer damaged")
             for other in self._jobs.values():
-                if other.state == JOB_RUNNING and other.serial == job.serial:
+                if other.state == JOB_RUNNING and other.same_board(job):
                     raise QueueError(
                         f"board {job.serial} is being flashed by job {other.id}; wait for it or "
                         f"queue again afterwards"
                     )
-            old = self._queued_for_locked(job.serial)
+            old = self._queued_for_locked(job.serial, job.port)
 
             job.state = JOB_QUEUED
             job.updated = time.time()
@@ -525,9 +525,11 @@ class JobStore:
         jobs = [j for j in self._jobs.values() if j.state == JOB_QUEUED]
         return sorted(jobs, key=lambda j: (j.created, j.id))
 
-    def _queued_for_locked(self, serial: str) -> Optional[Job]:
+    def _queued_for_locked(self, serial: str, port: Optional[str] = None) -> Optional[Job]:
+        """The queued job for the board with this serial (on this port, where either the
+        job or the caller names one)."""
         for job in self._queued_locked():
-            if job.serial == serial:
+            if job.serial == serial and (port is None or job.port is None or job.port == port):
                 return job
         return None
 
@@ -540,9 +542,9 @@ class JobStore:
         with self._lock:
             return copy.deepcopy(self._queued_locked())
 
-    def queued_for(self, serial: str) -> Optional[Job]:
+    def queued_for(self, serial: str, port: Optional[str] = None) -> Optional[Job]:
         with self._lock:
-            return copy.deepcopy(self._queued_for_locked(serial))
+            return copy.deepcopy(self._queued_for_locked(serial, port))
 
     def running(self) -> List[Job]:
         with self._lock:

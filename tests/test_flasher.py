@@ -114,7 +114,8 @@ def test_make_flash_only_after_katapult_fails(
     assert [(c["prog"], c.get("query")) for c in standins.calls()] == [
         ("flashtool", None), ("make", True), ("make", False)]
     make = standins.calls("make", query=False)[0]
-    assert make["argv"] == [f"FLASH_DEVICE={DEVICE}", "flash"]
+    # NOSUDO=1: Klipper's flash_usb.py must never call sudo from the sandboxed unit.
+    assert make["argv"] == ["NOSUDO=1", f"FLASH_DEVICE={DEVICE}", "flash"]
     assert make["cwd"] == str(tree)
     assert make["monotonic"] > standins.calls("flashtool")[0]["monotonic"]
     assert "Katapult failed, trying make flash..." in caplog.text
@@ -180,15 +181,37 @@ def test_make_runs_as_tree_owner(standins: Standins, image: Path, shared_tmp: Pa
     assert make["uid"] != 0
 
 
-def test_root_owned_tree_refuses_make_flash(
+def test_root_owned_tree_runs_make_as_root(
     standins: Standins, image: Path, shared_tmp: Path
 ) -> None:
+    """A tree that root owns is built as root anyway: make flash there runs as root (the
+    tree's owner), which is no escalation; it is not refused."""
     standins.set("flashtool", {"mode": "scripted", "fail": "connect"})
     tree = klipper_tree(shared_tmp, image.read_bytes(), owner="root")
     result = flasher.flash_device(DEVICE, str(image), KATAPULT, str(tree))
+    assert result.success and result.method == "make_flash", result
+    assert [c["uid"] for c in standins.calls("make")] == [0, 0]
+
+
+def test_read_only_tree_names_the_fix(standins: Standins, image: Path, shared_tmp: Path) -> None:
+    """Klipper's flash target builds lib/hidflash (STM32) or lib/rp2040_flash first: under a
+    unit that keeps the tree read-only that fails, and the message says how to fix it."""
+    standins.set("flashtool", {"mode": "scripted", "fail": "connect"})
+    standins.set("make", {"exit": 2, "stderr": (
+        "/usr/bin/ld: cannot open output file hid-flash: Read-only file system\n"
+        "make: *** [src/stm32/Makefile:103: lib/hidflash/hid-flash] Error 2\n")})
+    tree = klipper_tree(shared_tmp, image.read_bytes())
+    result = flasher.flash_device(DEVICE, str(image), KATAPULT, str(tree))
     assert not result.success
-    assert "owned by root" in (result.error_message or "")
-    assert standins.calls("make") == []
+    assert "Read-only file system" in (result.error_message or "")
+    assert "run `sudo ./install.sh` again" in (result.error_message or "")
+
+
+def test_gone_device_gets_no_tool(standins: Standins, image: Path) -> None:
+    """Right before a tool is started the path must still lead to the board."""
+    result = flasher.flash_device(DEVICE, str(image), KATAPULT, None, device_present=lambda: False)
+    assert not result.success and "nothing was written" in (result.error_message or "")
+    assert standins.calls() == []
 
 
 def test_hung_flashtool_killed_with_children_at_timeout(standins: Standins, image: Path) -> None:
@@ -222,12 +245,18 @@ def test_hung_make_flash_killed_with_children(
 def test_abort_kills_the_tool_promptly(standins: Standins, image: Path) -> None:
     standins.set("flashtool", {"mode": "scripted", "hang": True})
     abort = threading.Event()
-    timer = threading.Timer(0.5, abort.set)
-    timer.start()
-    started = time.monotonic()
+    abort_time: List[float] = []
+
+    def abort_once_running() -> None:  # a loaded machine may take a while to start python
+        wait_until(lambda: standins.calls("flashtool"), timeout=30)
+        abort_time.append(time.monotonic())
+        abort.set()
+
+    threading.Thread(target=abort_once_running, daemon=True).start()
     result = flasher.flash_device(DEVICE, str(image), KATAPULT, None, timeout=60, abort=abort)
-    assert time.monotonic() - started < 10
-    assert not result.success and "interrupted" in (result.error_message or "")
+    assert abort.is_set() and not result.success
+    assert time.monotonic() - abort_time[0] < 10
+    assert "interrupted" in (result.error_message or "")
     pids = [standins.calls("flashtool")[0]["pid"]] + standins.child_pids("flashtool")
     wait_until(lambda: not any(pid_alive(p) for p in pids))
 

@@ -129,7 +129,7 @@ def test_unit_runs_the_daemon_the_way_the_design_needs():
     # udev's netlink and the Unix sockets (D-Bus for systemctl, control socket, journal).
     assert set(one["RestrictAddressFamilies"].split()) == {"AF_UNIX", "AF_NETLINK"}
     assert one["ProtectHome"] == "read-only"
-    assert any(v.endswith("/klipper/out") for v in s["ReadWritePaths"])
+    assert any(v.split()[0].endswith("/klipper/out") for v in s["ReadWritePaths"])
     # A device ACL is resolved once at start and would deny boards whose driver loads later.
     assert "DeviceAllow" not in s and "ProtectClock" not in s
     assert one.get("PrivateDevices", "no") == "no"
@@ -242,7 +242,8 @@ def test_destdir_install_fills_in_the_user_and_passes_verify_and_security(instal
     text = (root / "etc/systemd/system/kflashd.service").read_text()
     s = unit_settings(text)
     assert s["User"] == ["pi"] and s["CapabilityBoundingSet"] == [""]
-    assert s["ReadWritePaths"] == ["-/home/pi/klipper/out"]
+    # make flash writes out/ and builds Klipper's flash helper first (STM32, RP2040).
+    assert s["ReadWritePaths"] == ["-/home/pi/klipper/out -/home/pi/klipper/lib/hidflash -/home/pi/klipper/lib/rp2040_flash"]
     copy = checkable_copy(text, tmp_path)
     verify(copy)
     assert exposure(copy) <= MAX_EXPOSURE
@@ -280,7 +281,7 @@ def test_install_twice_is_idempotent_and_keeps_the_users_config(tmp_path):
     rule = (root / "etc/polkit-1/rules.d/50-kflashd.rules").read_text()
     assert 'var units = ["klipper.service", "klipper-2.service"];' in rule
     unit = unit_settings((root / "etc/systemd/system/kflashd.service").read_text())
-    assert unit["ReadWritePaths"] == ["-/srv/klipper/out"]
+    assert unit["ReadWritePaths"] == ["-/srv/klipper/out -/srv/klipper/lib/hidflash -/srv/klipper/lib/rp2040_flash"]
 
     install(root, "--user", "pi", "--offline")
     assert content_digest(root, VENV) == first
@@ -448,6 +449,8 @@ def udev_properties(tmp_path: Path, vendor: str, product: str) -> Tuple[Dict[str
 def test_udev_katapult_board_is_tagged_and_wants_the_service(tmp_path):
     props, output = udev_properties(tmp_path, "1d50", "6177")
     assert props.get("ID_KFLASHD") == "katapult", output
+    # ModemManager must not probe Katapult's tty (its AT commands would disturb it).
+    assert props.get("ID_MM_DEVICE_IGNORE") == "1", output
     assert "kflashd.service" in props.get("SYSTEMD_WANTS", "").split(), output
     assert ":systemd:" in props.get("TAGS", ""), output
     dialout = grp.getgrnam("dialout").gr_gid
@@ -458,12 +461,13 @@ def test_udev_katapult_board_is_tagged_and_wants_the_service(tmp_path):
 def test_udev_klipper_board_is_tagged_but_starts_nothing(tmp_path):
     props, output = udev_properties(tmp_path, "1d50", "614e")
     assert props.get("ID_KFLASHD") == "klipper", output
+    assert props.get("ID_MM_DEVICE_IGNORE") == "1", output
     assert "kflashd.service" not in props.get("SYSTEMD_WANTS", ""), output
 
 
 def test_udev_other_usb_serial_is_left_alone(tmp_path):
     props, output = udev_properties(tmp_path, "0483", "5740")
-    assert "ID_KFLASHD" not in props, output
+    assert "ID_KFLASHD" not in props and "ID_MM_DEVICE_IGNORE" not in props, output
     assert "Reading rules file: /etc/udev/rules.d/70-kflashd.rules" in output
     assert not re.search(r"70-kflashd\.rules:\d+", output), output
 
@@ -492,7 +496,7 @@ def test_example_config_loads_and_mentions_every_key(tmp_path):
     for section, key in kconfig._SCALARS:
         attr = kconfig._SCALARS[(section, key)][0]
         assert getattr(config, attr) == getattr(defaults, attr), f"{kconfig._dotted(section, key)}"
-    assert set(config.boards) == {"octopus"}
+    assert set(config.boards) == {"octopus", "skr", "ebb"}
 
 
 def test_config_reference_documents_every_key():

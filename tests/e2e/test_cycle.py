@@ -108,7 +108,10 @@ def test_katapult_failure_falls_back_to_make_flash(make_daemon, farm, standins, 
     assert job["results"][-1]["method"] == "make_flash"
     make = standins.calls("make", query=False)
     assert len(make) == 1 and make[0]["uid"] == 65534
-    assert f"FLASH_DEVICE={farm.board(SERIAL)['device_node']}" in make[0]["argv"]
+    # The tools get the board's by-id link (checked to lead to udev's node), not /dev/ttyACMn.
+    assert f"FLASH_DEVICE={farm.board(SERIAL)['by_id']}" in make[0]["argv"]
+    flashtool = standins.calls("flashtool")[0]["argv"]
+    assert flashtool[flashtool.index("-d") + 1] == farm.board(SERIAL)["by_id"]
     assert_klipper_stopped_only_around(standins, tool="make")
 
 

@@ -698,14 +698,18 @@ def test_ambiguous_serial_is_refused(tmp_path):
         def find(self, serial: str, mode: Optional[str] = None) -> List[Board]:
             return [b for b in self.boards.values() if b.serial == serial and mode in (None, b.mode)]
 
+        def serial_is_shared(self, serial: str) -> bool:
+            return len({b.port_path for b in self.find(serial)}) > 1
+
     daemon.monitor = Boards()  # type: ignore[assignment]
     try:
         data = make_image(mcu=MCU, size=3000, seed=1)
         for selector in ("12345", f"/dev/serial/by-id/usb-katapult_{MCU}_12345-if00"):
             reply = daemon.commands.handle(None, queue_request(data, board=selector))  # type: ignore[arg-type]
             assert reply is not None and reply["ok"] is False, reply
-            assert f"ambiguous board {selector!r}: 2 connected boards report serial 12345" in reply["error"]
-            assert "/dev/ttyACM0, /dev/ttyACM1" in reply["error"]
+            assert f"ambiguous board {selector!r}: more than one board reports serial 12345" in reply["error"]
+            assert "/dev/ttyACM0 on port 1-1.2" in reply["error"] and "/dev/ttyACM1 on port 1-1.3" in reply["error"]
+            assert "by-path" in reply["error"]  # says how to name the board
         # Not even by its device node: a job follows its board by serial (the node changes
         # when the board reboots into Katapult), and two boards report this one.
         reply = daemon.commands.handle(None, queue_request(data, board="/dev/ttyACM1"))  # type: ignore[arg-type]
