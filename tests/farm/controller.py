@@ -73,8 +73,12 @@ class Board:
     """One emulated board: its flash survives unplugging and mode switches."""
 
     def __init__(self, serial: str, mcu: str, port: int, page_size: int, app_start: int, version: str,
-                 bootloader_version: str, flash_base: int, flash_size: int, reconnect_delay: float) -> None:
+                 bootloader_version: str, flash_base: int, flash_size: int, reconnect_delay: float,
+                 name: Optional[str] = None) -> None:
         self.serial = serial
+        # The farm's key for the board: its serial, unless two boards share one (boards
+        # built without the chip id all report 12345) and were added with names.
+        self.name = name or serial
         self.mcu = mcu
         self.port = port
         self.app_start = app_start
@@ -142,7 +146,7 @@ class Board:
         counters = {k: v + session.get(k, 0) for k, v in self.totals.items()}
         last_complete = session.get("last_complete") or self.last_complete
         return {
-            "serial": self.serial, "mcu": self.mcu, "mode": self.mode, "present": self.present,
+            "serial": self.serial, "name": self.name, "mcu": self.mcu, "mode": self.mode, "present": self.present,
             "device_node": f"/dev/{self.tty_name}" if self.present else None,
             "sys_path": self.tty_syspath if self.present else None,
             "usb_sys_path": self.usb_syspath, "by_id": self.by_id if self.present else None,
@@ -256,14 +260,14 @@ class Controller:
         if mode == "katapult":
             b.device = KatapultEmulator(
                 fd, b.flash, mcu=b.mcu, app_start=b.app_start, version=b.bootloader_version, name=name,
-                on_boot=lambda dev, s=b.serial: self.post("boot", s, dev),
-                on_vanish=lambda dev, s=b.serial: self.post("vanish", s, dev), fault=b.fault)
+                on_boot=lambda dev, k=b.name: self.post("boot", k, dev),
+                on_vanish=lambda dev, k=b.name: self.post("vanish", k, dev), fault=b.fault)
             b.running_version = None
         else:
             b.running_version = b.image_version() or b.fallback_version
             b.device = KlipperAppEmulator(
                 fd, mcu=b.mcu, serial=b.serial, version=b.running_version, name=name,
-                on_bootloader_request=lambda dev, s=b.serial: self.post("bootloader_request", s, dev))
+                on_bootloader_request=lambda dev, k=b.name: self.post("bootloader_request", k, dev))
         b.device.start()
         b.present = True
         b.enumerations += 1
@@ -342,24 +346,28 @@ class Controller:
                      page_size: int = 16 * 1024, app_start: int = 0x8008000, version: str = "v0.12.0-farm",
                      bootloader_version: str = "v0.0.1-110-gb0bf421", flash_base: int = 0x8000000,
                      flash_size: int = 512 * 1024, old_image: Optional[str] = None,
-                     reconnect_delay: float = 0.0, plugged: bool = True) -> Dict[str, Any]:
+                     reconnect_delay: float = 0.0, plugged: bool = True,
+                     name: Optional[str] = None) -> Dict[str, Any]:
         if not isinstance(serial, str) or not re.fullmatch(r"[0-9A-Za-z]{1,64}", serial):
             raise RequestError(f"bad serial {serial!r}: 1-64 letters/digits, as a USB serial number")
-        if serial in self.boards:
-            raise RequestError(f"board {serial} exists already")
+        key = name or serial
+        if not isinstance(key, str) or not re.fullmatch(r"[0-9A-Za-z_-]{1,64}", key):
+            raise RequestError(f"bad name {key!r}: 1-64 letters, digits, '_' or '-'")
+        if key in self.boards:
+            raise RequestError(f"board {key} exists already")
         if mode not in MODES:
             raise RequestError(f"bad mode {mode!r}: one of {', '.join(MODES)}")
         if not flash_base <= app_start < flash_base + flash_size:
             raise RequestError(f"app_start 0x{app_start:x} outside flash")
         try:
             b = Board(serial, mcu, self.next_port, int(page_size), int(app_start), version,
-                      bootloader_version, int(flash_base), int(flash_size), float(reconnect_delay))
+                      bootloader_version, int(flash_base), int(flash_size), float(reconnect_delay), key)
         except ValueError as exc:
             raise RequestError(str(exc)) from exc
         if old_image is not None:
             b.flash.load(b.app_start, base64.b64decode(old_image))
         self.next_port += 1
-        self.boards[serial] = b
+        self.boards[key] = b
         if plugged:
             self.enumerate(b, mode)
         else:
