@@ -19,15 +19,14 @@ import shutil
 import socket
 import stat
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import pytest
 
+from tests.support import public
 from tests.support.wait import wait_until
 
 from kflashd.control import (
@@ -41,7 +40,6 @@ from kflashd import control
 from kflashd.errors import AccessDenied, DaemonUnreachable, ProtocolError
 from kflashd.reactor import Reactor
 
-REPO = Path(__file__).resolve().parents[1]
 NOBODY = pwd.getpwnam("nobody")
 ROOT_GROUP = grp.getgrgid(os.getgid()).gr_name
 
@@ -475,9 +473,9 @@ except AccessDenied as e:
 def as_nobody(server: Server, group: str = "nogroup", extra_groups: Optional[List[str]] = None) -> Dict[str, Any]:
     """Run a ControlClient in a child process as nobody, with exactly the groups given."""
     result = subprocess.run(
-        [sys.executable, "-c", CLIENT, server.path],
+        [public.python(), "-c", CLIENT, server.path],
         user="nobody", group=group, extra_groups=extra_groups or [],
-        capture_output=True, text=True, timeout=30, cwd=str(REPO),
+        capture_output=True, text=True, timeout=30, cwd=str(public.root()),
         env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "PYTHONDONTWRITEBYTECODE": "1"},
     )
     assert result.returncode == 0, result.stderr

@@ -18,10 +18,12 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+from tests.support import public
 from tests.support.wait import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
-STANDINS = REPO / "tests" / "standins"
+# The stand-ins as the other users who run them can reach them (make runs as nobody).
+STANDINS = public.root() / "standins"
 PYTHON = sys.executable
 
 

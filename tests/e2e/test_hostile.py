@@ -28,8 +28,9 @@ import pytest
 
 from kflashd.control import MAX_CONNECTIONS
 from tests.e2e.conftest import MCU, SERIAL, Printer
-from tests.e2e.harness import PYTHON, REPO, KflashdProcess, wait_until
+from tests.e2e.harness import KflashdProcess, wait_until
 from tests.farm.images import make_dict, make_image
+from tests.support import public
 
 pytestmark = pytest.mark.e2e
 
@@ -549,8 +550,8 @@ def ctl_as(daemon: KflashdProcess, user: str, group: str, *args: str,
     env = {k: v for k, v in daemon.env.items() if k not in ("LD_PRELOAD", "UMOCKDEV_DIR", "NOTIFY_SOCKET")}
     env.update(HOME="/nonexistent", PYTHONDONTWRITEBYTECODE="1")
     return subprocess.run(
-        [PYTHON, "-m", "kflashd.ctl", "--config", str(daemon.config_path), *args],
-        env=env, capture_output=True, text=True, timeout=30, cwd=str(REPO),
+        [public.python(), "-m", "kflashd.ctl", "--config", str(daemon.config_path), *args],
+        env=env, capture_output=True, text=True, timeout=30, cwd=str(public.root()),
         user=user, group=group, extra_groups=extra_groups or [],
     )
 

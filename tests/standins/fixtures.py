@@ -3,7 +3,9 @@
 `standins` puts tests/standins/bin first on PATH and points KFLASHD_STANDIN_DIR at a fresh
 directory that every stand-in records its calls into (calls.jsonl) and reads its
 behaviour from (<prog>.json, re-read at every call). The directory is world-writable so a
-stand-in running as another user (make runs as the Klipper tree's owner) can record too.
+stand-in running as another user (make runs as the Klipper tree's owner) can record too, and
+the stand-ins themselves run from the suite's public copy (tests/support/public.py), which
+that user can reach even when the checkout is in a 0700 home.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 
+from tests.support import public
 from tests.support.wait import wait_until  # noqa: F401  (re-exported for the tests)
 
-STANDINS_DIR = Path(__file__).resolve().parent
+STANDINS_DIR = public.root() / "standins"
 BIN_DIR = STANDINS_DIR / "bin"
 KATAPULT_DIR = STANDINS_DIR / "katapult"
 FLASHTOOL = KATAPULT_DIR / "scripts" / "flashtool.py"
