@@ -276,11 +276,13 @@ def print_devices(boards: List[Dict[str, Any]], as_json: bool) -> int:
     if not boards:
         print("no Klipper or Katapult boards connected")
         return EXIT_OK
-    print(f"{'DEVICE':<14}  {'MODE':<9}  {'MCU':<14}  {'SERIAL':<26}  {'NAME':<12}  QUEUED")
+    print(f"{'DEVICE':<14}  {'MODE':<9}  {'MCU':<14}  {'SERIAL':<26}  {'PORT':<9}  {'NAME':<12}  QUEUED")
     for b in boards:
-        print(f"{b['device_node']:<14}  {b['mode']:<9}  {b['mcu']:<14}  {b['serial']:<26}  {b.get('name') or '-':<12}  {b.get('queued_job') or '-'}")
-        if b.get("by_id"):
-            print(f"{'':<14}  {b['by_id']}")
+        print(f"{b['device_node']:<14}  {b['mode']:<9}  {b['mcu']:<14}  {b['serial']:<26}  "
+              f"{b.get('port_path') or '-':<9}  {b.get('name') or '-':<12}  {b.get('queued_job') or '-'}")
+        for link in (b.get("by_id"), b.get("by_path")):
+            if link:
+                print(f"{'':<14}  {link}")
     return EXIT_OK
 
 

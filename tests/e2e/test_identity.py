@@ -33,6 +33,10 @@ def test_shared_serial_is_refused_and_a_port_picks_the_board(make_daemon, farm, 
     daemon = make_daemon(boards={"left": {"serial": SHARED, "port": port_of(left)}})
     Printer(standins, daemon).start()
 
+    # `kflashctl devices` shows the port that tells them apart (what `port` wants).
+    devices = daemon.ctl("devices").stdout
+    assert "PORT" in devices and port_of(left) in devices and port_of(right) in devices, devices
+
     # By the serial alone: which of the two? Refused, and the message says how to name it.
     refused = daemon.ctl("queue", SHARED, str(image))
     assert refused.returncode == 2, refused.stdout + refused.stderr
