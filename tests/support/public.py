@@ -31,8 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 # checkout path -> path inside the public tree
 _COPIED = {
     "kflashd": "kflashd",
-    "tests/standins/bin": "standins/bin",
-    "tests/standins/katapult": "standins/katapult",
+    "tests/standins": "standins",  # bin/, katapult/, klipper/: all run by or as others
     "install.sh": "install.sh",
 }
 
@@ -66,7 +65,7 @@ def _open_up(top: Path) -> None:
 
 @functools.lru_cache(maxsize=None)
 def root() -> Path:
-    """The public tree: kflashd/, standins/bin/, standins/katapult/, install.sh."""
+    """The public tree: kflashd/, standins/ (bin/, katapult/, klipper/), install.sh."""
     top = Path(tempfile.mkdtemp(prefix="kflashd-public-"))
     owner = os.getpid()
     # Forked children inherit atexit handlers; only the process that made the tree removes it.
