@@ -1,11 +1,11 @@
 """Ask a board that runs Klipper to reboot into its Katapult bootloader (`kflashctl queue --now`).
 
 The request is the USB CDC "1200 baud touch" that Klipper's firmware watches for
-(KL:src/generic/usb_cdc.c check_reboot()): on every SET_LINE_CODING and
+(Klipper's src/generic/usb_cdc.c, check_reboot()): on every SET_LINE_CODING and
 SET_CONTROL_LINE_STATE it reboots into the bootloader when the line is at 1200 baud and DTR
 is low. So, exactly: open the port, raise DTR, set 1200 baud, drop DTR, close. The DTR drop
 at 1200 baud is the moment the board acts (on stm32/rp2040 it jumps to Katapult when one is
-installed, reference katapult-protocol.md "Klipper").
+installed; docs/katapult-protocol.md, "The 1200-baud request").
 
 Why not `flashtool.py -r`: it runs these steps inside one `suppress(OSError)`, so the first
 failing ioctl (ENOTTY for the DTR ioctl on a pty, which is what umockdev's emulated boards

@@ -1,7 +1,7 @@
 """One flash cycle for one job and one board, run in the daemon's worker thread.
 
-The order is DESIGN.md's and it is the safety argument, so it reads top to bottom in
-`FlashCycle.run()`: refuse a wrong image before anything is touched, ask the print guard,
+The order is docs/design.md's ("The flash cycle") and it is the safety argument, so it
+reads top to bottom in `FlashCycle.run()`: refuse a wrong image before anything is touched, ask the print guard,
 stop Klipper (crash marker and sudo check first: `klipper_stop.KlipperStop`), reboot the
 board into Katapult if it runs Klipper, check the device is still there, flash (Katapult,
 then `make flash`), wait for the board to come back, start Klipper (on every path), and

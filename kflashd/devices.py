@@ -18,7 +18,7 @@ from typing import Dict, Iterator, List, Optional, Set, Tuple
 from .errors import DiscoveryError
 from .models import KATAPULT_USB_ID, KLIPPER_USB_ID, MODE_KATAPULT, MODE_KLIPPER, Board
 
-# by-id names of both modes carry the serial; see katapult-protocol.md "USB identity".
+# by-id names of both modes carry the serial; see docs/katapult-protocol.md, "USB identity".
 _BY_ID_RE = re.compile(r"usb-(?:katapult|Klipper)_(?P<mcu>.+)_(?P<serial>[^_]+)-if\d+")
 
 

@@ -1,6 +1,7 @@
 """What a Klipper firmware image says about itself: the MCU it was built for and its version.
 
-Two sources, both written by Klipper's build (KL:scripts/buildcommands.py):
+Two sources, both written by Klipper's build (its scripts/buildcommands.py; facts in
+docs/katapult-protocol.md, "out/klipper.dict"):
 - the data dictionary, zlib-compressed and embedded in the image itself (the MCU sends it to
   Klipper on `identify`); flashtool.py finds it the same way, by trying to decompress at
   each offset;

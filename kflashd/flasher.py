@@ -5,7 +5,7 @@ a failed flash is an outcome the daemon records, not a bug. It raises only what 
 not swallow: KeyboardInterrupt and the SIGTERM exception of the service context manager
 (the child's process group is killed on the way out, see `proc`).
 
-Safety rules this module owns (DESIGN.md, issue 2):
+Safety rules this module owns (docs/design.md, "The flash cycle", steps 5 and 6):
 - flashtool.py compares the image's MCU with the board's only when the file is named
   `klipper.bin`, so it always gets a private copy under that name (which also means the
   staged file cannot change under it).
@@ -37,7 +37,7 @@ PHASE_WRITE = "write"
 PHASE_VERIFY = "verify"
 PHASE_MAKE_FLASH = "make_flash"
 
-#: flashtool.py prints at most 50 `#` per phase, one per 2 % (katapult-protocol.md).
+#: flashtool.py prints at most 50 `#` per phase, one per 2 % (docs/katapult-protocol.md).
 MARKS_PER_PHASE = 50
 
 ProgressCallback = Callable[[str, int], None]  # (phase, percent 0..100)
@@ -64,7 +64,7 @@ def sha256_file(path: str) -> str:
 class ProgressParser:
     """Turns flashtool.py's stdout, fed in arbitrary chunks, into (phase, percent) calls.
 
-    Format (katapult-protocol.md, "stdout during a serial flash"): a line
+    Format (docs/katapult-protocol.md, "stdout during a serial flash"): a line
     `Flashing '…'...` or `Verifying (block count = N)...`, an empty line, then `[`, one
     `#` per 2 % written without newlines, and `]`. A mark is printed at most once per
     block, so an image of fewer than 50 blocks prints one mark per block: then the

@@ -38,7 +38,7 @@ DEFAULT_TIMEOUT = 2.0
 ETX = b"\x03"
 MAX_MESSAGE = 4 * 1024 * 1024  # a reply bigger than this is not an objects/query answer
 
-#: What the guard asks for (the reference's recommended query).
+#: What the guard asks for (docs/katapult-protocol.md, "API socket").
 GUARD_OBJECTS: Dict[str, List[str]] = {
     "print_stats": ["state"],
     "idle_timeout": ["state"],

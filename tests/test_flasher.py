@@ -30,7 +30,7 @@ __all__ = ["standins"]
 DEVICE = "/dev/ttyACM0"  # scripted mode never opens it
 KATAPULT = str(KATAPULT_DIR)
 
-# stderr of the real flashtool.py against a silent device (katapult-protocol.md), verbatim
+# stderr of the real flashtool.py against a silent device (docs/katapult-protocol.md), verbatim
 # but for the file paths: the root cause is the first exception of the chain.
 REAL_CONNECT_FAILURE = """ERROR:root:Flash Tool Error
 Traceback (most recent call last):

@@ -150,7 +150,7 @@ def make_bench(**kwargs) -> Bench:
 def test_crc_check_value() -> None:
     assert host_crc(b"123456789") == 0x6F91
     assert crc16_mcrf4xx(b"123456789") == 0x6F91
-    # The fixed frames from the reference: NACK, command error, busy.
+    # The fixed frames of docs/katapult-protocol.md: NACK, command error, busy.
     assert KatapultHost.frame(0xF1) == NACK
     assert KatapultHost.frame(0xF2) == COMMAND_ERROR
     assert KatapultHost.frame(0xF3) == bytes.fromhex("0188f300d8a69903")

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.e2e.harness import KflashdProcess
+from tests.e2e.harness import REPO, KflashdProcess
 from tests.farm.client import BoardFarm
 from tests.farm.fixtures import write_klipper_unit
 from tests.farm.images import make_dict, make_image
@@ -39,7 +39,11 @@ def run_ctl(daemon: KflashdProcess, *args: str) -> None:
 
 
 def show_log(path: Path) -> None:
-    """The daemon's log as `journalctl -u kflashd` would show it; the tool's own output folded."""
+    """The daemon's log as `journalctl -u kflashd` would show it; the tool's own output folded.
+
+    Paths inside the checkout are shown relative to it (`./.venv/bin/python3`): the demo is
+    run from there, and the output (pasted into the README) then names no one's directory.
+    """
     print("$ journalctl -u kflashd   # here: the daemon's stderr, which systemd sends to the journal")
     folded = 0
     for raw in path.read_text(errors="replace").splitlines():
@@ -53,7 +57,7 @@ def show_log(path: Path) -> None:
                     continue
             else:
                 continue
-        print(f"kflashd: {line}")
+        print(f"kflashd: {line.replace(f'{REPO}/', './')}")
 
 
 def main() -> int:

@@ -12,7 +12,7 @@ Only the main thread touches the testbed (GObject is not thread-safe); board emu
 threads hand their events (boot, bootloader request) to it through a queue and a wake pipe.
 Diagnostics go to stderr, which the client keeps in a log file.
 
-Facts about umockdev 0.17 this relies on (reference umockdev-recipe.md, checked here): a
+Facts about umockdev 0.17 this relies on (docs/testing.md, "Emulated boards", checked here): a
 removed node name cannot be reused (every enumeration takes the next ttyACM number);
 ``remove_device`` emits no ``remove`` uevent before 0.18.4 (so the controller sends it); each
 board needs its own USB path; a testbed that is finalised deletes its directory.
@@ -40,7 +40,7 @@ from tests.farm.images import find_dict  # noqa: E402
 from tests.farm.katapult import Fault, Flash, KatapultEmulator  # noqa: E402
 from tests.farm.klipper_app import KlipperAppEmulator  # noqa: E402
 
-# USB identity per mode (reference katapult-protocol.md "USB identity").
+# USB identity per mode (docs/katapult-protocol.md, "USB identity").
 USB_IDENTITY = {
     "katapult": {"vid": "1d50", "pid": "6177", "manufacturer": "katapult"},
     "klipper": {"vid": "1d50", "pid": "614e", "manufacturer": "Klipper"},

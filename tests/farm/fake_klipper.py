@@ -10,7 +10,7 @@ and SIGTERMed by ``systemctl stop klipper``. While it runs it:
 - asks each Klipper-mode board which firmware it runs (``tests.farm.klipper_app``'s
   identify line) and reports that as ``mcu.mcu_version``;
 - serves ``objects/query``, ``objects/list`` and ``info`` on a UNIX stream socket, JSON
-  messages terminated by 0x03 (reference katapult-protocol.md "API socket"); a request
+  messages terminated by 0x03 (docs/katapult-protocol.md, "API socket"); a request
   without ``id`` gets no reply; errors as Klipper's webhooks formats them.
 
 The printer's state comes from a small JSON file, re-read per request, e.g.

@@ -1,6 +1,6 @@
 """Katapult bootloader emulator: the device side of Katapult's serial protocol.
 
-Written from the protocol facts in ``/work/shared/reference/katapult-protocol.md`` (Katapult
+Written from the protocol facts in ``docs/katapult-protocol.md`` (Katapult
 ``src/command.c``, ``src/flashcmd.c``, ``src/stm32/flash.c``), not from its code:
 
 - frame ``01 88 | code | nwords | payload (4*nwords) | crc16 LE | 99 03``, 8..128 bytes,

@@ -1,7 +1,7 @@
 """A board running "Klipper": reacts to the 1200-baud bootloader request, tells its version.
 
-Facts (reference katapult-protocol.md, Klipper src/generic/usb_cdc.c): Klipper reboots into
-its bootloader when the host sets the line to 1200 baud (with DTR low; umockdev's PTYs do not
+Facts (docs/katapult-protocol.md, "The 1200-baud request"; Klipper's src/generic/usb_cdc.c):
+Klipper reboots into its bootloader when the host sets the line to 1200 baud (with DTR low; umockdev's PTYs do not
 forward modem lines, so only the baud rate is watched). On Linux a PTY master reports the
 slave's line settings, so ``termios.tcgetattr(master)`` shows the 1200 baud.
 

@@ -10,7 +10,7 @@ files under /var/log/journal and /run/systemd.
 Why journald runs without LD_PRELOAD/UMOCKDEV_DIR: under umockdev's preload it exits at once
 ("Failed to acquire cgroup root path") and leaves a dead socket file behind; that is also why
 "ready" means "process alive and connect() works", not "socket file exists"
-(reference/systemd-in-tests.md). NOTIFY_SOCKET is dropped too, so journald does not send its
+(docs/testing.md, "A real journald"). NOTIFY_SOCKET is dropped too, so journald does not send its
 own READY=1 to a notify listener of the test.
 """
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Stand-in for Katapult's scripts/flashtool.py, for kflashd's tests.
 
-Written from the protocol description in kflashd's reference notes (katapult-protocol.md),
+Written from the protocol description in kflashd's docs/katapult-protocol.md,
 not from Katapult's code. It prints what the real tool prints for a serial flash, exits
 0/1/2 like it, and ends a failure with `ERROR:root:Flash Tool Error` and a chained
 traceback on stderr whose exceptions are named FlashError, as the real one's are.
