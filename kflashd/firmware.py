@@ -18,12 +18,19 @@ gets the same answer the client got from the same bytes.
 Used by kflashctl (client side, with the path) and by the daemon (bytes only). Pure: reads
 at most the image and one or two small files beside it; never raises for a bad image, it
 just knows less (None fields).
+
+The search has a total budget (`SearchBudget`: bytes decompressed over all candidates, and
+seconds), because the image comes from a client: a crafted 8 MiB image of back-to-back
+zlib streams that each inflate to 16 MiB of blanks would otherwise cost minutes of CPU. A
+real image's dictionary is found within its first candidates (well under 1 MiB of output);
+when the budget runs out the answer is "unknown" with `complete=False`, never a guess.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 import zlib
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
@@ -39,6 +46,29 @@ _ZLIB_FLG = (0x01, 0x5E, 0x9C, 0xDA)
 _MAX_DICT_SIZE = 16 * 1024 * 1024  # decompressed; a real data dictionary is ~20-200 KiB
 _MAX_DICT_FILE = 16 * 1024 * 1024
 _PROBE = 64  # bytes of input fed first, to reject non-JSON candidates cheaply
+_IN_CHUNK = 64 * 1024  # compressed input fed per step (slices of a memoryview: no copies)
+_OUT_CHUNK = 1024 * 1024  # decompressed output per step: the budget is checked between steps
+
+#: The whole search may decompress this much (over all candidates) ...
+SEARCH_MAX_BYTES = 48 * 1024 * 1024
+#: ... and take this long, whichever comes first.
+SEARCH_MAX_SECONDS = 2.0
+
+
+class SearchBudget:
+    """What one dictionary search may still spend: decompressed bytes and wall time."""
+
+    def __init__(self, max_bytes: int = SEARCH_MAX_BYTES, max_seconds: float = SEARCH_MAX_SECONDS) -> None:
+        self.bytes_left = max_bytes
+        self.deadline = time.monotonic() + max_seconds
+        self.exhausted = False
+
+    def spend(self, count: int) -> bool:
+        """Account `count` decompressed bytes; False (and exhausted from then on) when over."""
+        self.bytes_left -= count
+        if self.bytes_left < 0 or time.monotonic() > self.deadline:
+            self.exhausted = True
+        return not self.exhausted
 
 
 @dataclass(frozen=True)
@@ -48,6 +78,9 @@ class ImageInfo:
     mcu: Optional[str] = None
     version: Optional[str] = None
     source: Optional[str] = None  # SOURCE_EMBEDDED, SOURCE_DICT_FILE, or None
+    # False when the search for an embedded dictionary stopped at its budget (see
+    # SearchBudget) before the end of the image: one may still be in there.
+    complete: bool = True
 
     @property
     def known(self) -> bool:
@@ -66,50 +99,79 @@ def _identity(data: Any) -> Tuple[Optional[str], Optional[str]]:
     )
 
 
-def _try_decompress(view: memoryview, offset: int) -> Optional[Dict[str, Any]]:
-    """The JSON object compressed at `offset`, or None. Cheap to reject: probe first."""
+def _try_decompress(view: memoryview, offset: int, budget: SearchBudget) -> Optional[Dict[str, Any]]:
+    """The JSON object compressed at `offset`, or None. Cheap to reject: probe first.
+
+    Input is fed in slices and output taken in steps of _OUT_CHUNK, so the budget is
+    checked at least every MiB of output however the stream was crafted.
+    """
     decomp = zlib.decompressobj()
     try:
-        head = decomp.decompress(view[offset:offset + _PROBE], _MAX_DICT_SIZE)
+        head = decomp.decompress(view[offset:offset + _PROBE], _OUT_CHUNK)
+        if not budget.spend(len(head)):
+            return None
         first = head.lstrip()[:1]
         if first and first != b"{":
             return None  # decompresses, but not to a JSON object: give up on it early
-        if not decomp.eof:
-            rest = decomp.decompress(view[offset + _PROBE:], _MAX_DICT_SIZE - len(head))
-            head += rest
-        if not decomp.eof:
-            return None  # truncated, or larger than any data dictionary
+        out = bytearray(head)
+        pos = offset + _PROBE
+        tail: Any = decomp.unconsumed_tail
+        while not decomp.eof:
+            if len(out) >= _MAX_DICT_SIZE:
+                return None  # larger than any data dictionary
+            if not tail:
+                tail = view[pos:pos + _IN_CHUNK]
+                pos += len(tail)
+            piece = decomp.decompress(tail, min(_OUT_CHUNK, _MAX_DICT_SIZE + 1 - len(out)))
+            if not piece and not tail:
+                return None  # truncated: no input left and nothing more comes out
+            tail = decomp.unconsumed_tail
+            out += piece
+            if not budget.spend(len(piece)):
+                return None
     except zlib.error:
         return None
     try:
-        data = json.loads(head.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        data = json.loads(out.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 
 
-def find_embedded_dict(image: bytes) -> Optional[Dict[str, Any]]:
-    """Klipper's data dictionary embedded (zlib-compressed JSON) in a firmware image, or None.
+def search_embedded_dict(
+    image: bytes, budget: Optional[SearchBudget] = None
+) -> Tuple[Optional[Dict[str, Any]], bool]:
+    """(the embedded data dictionary or None, whether the whole image was searched).
 
     The first zlib stream that decompresses completely to a JSON object with a `version`
-    or `config` key wins.
+    or `config` key wins. The search stops early (second value False) when `budget`
+    (a fresh SearchBudget by default) runs out.
     """
+    budget = budget if budget is not None else SearchBudget()
     view = memoryview(image)
     offset = image.find(bytes([_ZLIB_CMF]))
     while offset != -1 and offset + 2 <= len(image):
         if image[offset + 1] in _ZLIB_FLG:
-            data = _try_decompress(view, offset)
+            data = _try_decompress(view, offset, budget)
             if data is not None and ("version" in data or "config" in data):
-                return data
+                return data, True
+            if budget.exhausted:
+                return None, False
         offset = image.find(bytes([_ZLIB_CMF]), offset + 1)
-    return None
+    return None, True
 
 
-def info_from_image(image: bytes) -> ImageInfo:
-    """Identity from the dictionary embedded in the image bytes (ImageInfo() if none)."""
-    data = find_embedded_dict(image)
+def find_embedded_dict(image: bytes, budget: Optional[SearchBudget] = None) -> Optional[Dict[str, Any]]:
+    """Klipper's data dictionary embedded (zlib-compressed JSON) in a firmware image, or None."""
+    return search_embedded_dict(image, budget)[0]
+
+
+def info_from_image(image: bytes, budget: Optional[SearchBudget] = None) -> ImageInfo:
+    """Identity from the dictionary embedded in the image bytes (ImageInfo() if none;
+    `complete=False` if the search ran out of budget first)."""
+    data, complete = search_embedded_dict(image, budget)
     if data is None:
-        return ImageInfo()
+        return ImageInfo(complete=complete)
     mcu, version = _identity(data)
     return ImageInfo(mcu, version, SOURCE_EMBEDDED)
 

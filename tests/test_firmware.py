@@ -10,13 +10,17 @@ import zlib
 import pytest
 
 from kflashd.firmware import (
+    SEARCH_MAX_SECONDS,
     SOURCE_DICT_FILE,
     SOURCE_EMBEDDED,
     ImageInfo,
+    SearchBudget,
     find_embedded_dict,
     info_from_image,
     read_image_info,
+    search_embedded_dict,
 )
+from tests.farm.images import bomb_image, bomb_unit
 
 
 def data_dictionary(mcu="stm32f446xx", version="v0.13.0-42-gdeadbee", **extra):
@@ -147,3 +151,23 @@ def test_bad_dict_file_is_ignored(tmp_path, content):
 
 def test_missing_image_file(tmp_path):
     assert read_image_info(str(tmp_path / "nope.bin")) == ImageInfo()
+
+
+def test_crafted_image_stops_at_the_search_budget():
+    # ~500 back-to-back streams, each inflating to 16 MiB: minutes of CPU without a budget.
+    image = bomb_image(8 * 1024 * 1024)
+    started = time.monotonic()
+    info = info_from_image(image)
+    elapsed = time.monotonic() - started
+    assert info == ImageInfo(complete=False) and not info.known
+    assert elapsed < SEARCH_MAX_SECONDS + 1.0
+
+
+def test_search_budget_counts_decompressed_bytes():
+    image = bomb_image(100_000) + zlib.compress(data_dictionary(), 9)
+    # A whole day's time, but only 1 MiB of output: the first bomb exhausts it.
+    assert search_embedded_dict(image, SearchBudget(1024 * 1024, 86400)) == (None, False)
+    # Two bombs (2 x 16 MiB) fit in the default budget; the dictionary behind them is found.
+    two = bomb_unit() * 2 + zlib.compress(data_dictionary(), 9)
+    data, complete = search_embedded_dict(two)
+    assert complete and data is not None and data["config"]["MCU"] == "stm32f446xx"

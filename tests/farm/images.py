@@ -75,3 +75,20 @@ def find_dict(data: bytes) -> Optional[Dict[str, Any]]:
             continue
         if isinstance(parsed, dict) and parsed.get("app") == "Klipper":
             return parsed
+
+
+def bomb_unit(inflated: int = 16 * 1024 * 1024) -> bytes:
+    """One unterminated zlib stream (header 78 DA) inflating to "{" and `inflated` blanks.
+
+    It passes the dictionary search's cheap probe (it starts like a JSON object) and never
+    ends, so a search without a budget inflates all of it, up to its per-stream cap.
+    """
+    c = zlib.compressobj(9)
+    return c.compress(b"{" + b" " * inflated) + c.flush(zlib.Z_SYNC_FLUSH)
+
+
+def bomb_image(size: int) -> bytes:
+    """The worst image for the dictionary search: `size` bytes of back-to-back bomb_unit()s
+    (an 8 MiB one holds ~500, each inflating to 16 MiB: minutes of CPU without a budget)."""
+    unit = bomb_unit()
+    return (unit * (size // len(unit) + 1))[:size]
