@@ -4,21 +4,21 @@ The control socket (control.py) has already framed the request and checked who s
 this module validates every field (a request is hostile until proven otherwise), turns it
 into daemon actions and builds the reply. It runs on the loop thread and never blocks on
 anything but the daemon's own state; it never opens or executes a path a client sent.
+The one costly step, checking a queued image's bytes, runs in the staging worker
+(staging.py: the pipeline's three steps are described there); `queue` answers PENDING and
+replies when the worker's result is back on the loop.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import logging
 import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
-from . import __version__, firmware, journal
-from .control import Connection, Reply, Request, error_reply
+from . import __version__, journal, staging
+from .control import PENDING, Connection, Reply, Request, error_reply
 from .cycle import image_matches_board
 from .devices import serial_from_by_id
 from .errors import QueueError
@@ -26,6 +26,8 @@ from .models import JOB_CANCELLED, JOB_QUEUED, JOB_RUNNING, MODE_KATAPULT, Board
 
 if TYPE_CHECKING:
     from .daemon import Daemon
+
+log = logging.getLogger("kflashd")
 
 _SERIAL_RE = re.compile(r"\A[0-9A-Fa-f]{4,64}\Z")  # not "$": it also matches before a final "\n"
 
@@ -74,30 +76,48 @@ class Commands:
         return {"ok": True, "version": __version__}
 
     def _cmd_queue(self, conn: Connection, request: Request) -> Reply:
-        selector = _string(request, "board")
+        """Step 1 of staging (loop): the fields. Step 2 (worker): the bytes. Step 3: below."""
+        fields = {
+            "selector": _string(request, "board"),
+            "sha256": _string(request, "sha256").lower(),
+            "force": _flag(request, "force"),
+            "now": _flag(request, "now"),
+            "mcu": _optional_string(request, "mcu"),
+            "version": _optional_string(request, "version"),
+        }
         image_b64 = _string(request, "image")
-        sha256 = _string(request, "sha256").lower()
-        force = _flag(request, "force")
-        now = _flag(request, "now")
-        image_mcu = _optional_string(request, "mcu")
-        image_version = _optional_string(request, "version")
+        sha256, max_size = fields["sha256"], self.daemon.config.max_image_size
+
+        def done(result: object) -> None:
+            if conn.closed:  # the client gave up: nobody would learn of a staged job
+                conn.reply(error_reply("gone", "client closed the connection"))
+                return
+            conn.reply(self._queue_reply(fields, result))
+
+        self.daemon.staging.submit(lambda: staging.check_image(image_b64, sha256, max_size), done)
+        return PENDING
+
+    def _queue_reply(self, fields: Dict[str, Any], result: object) -> Reply:
+        """Step 3 (loop): a checked image becomes a job, or the reply says why not."""
+        if isinstance(result, dict):
+            return result  # refused by the byte checks
+        if not isinstance(result, staging.CheckedImage):
+            return error_reply("internal", "kflashd failed on this request (a bug: see journalctl -u kflashd)")
         try:
-            image = base64.b64decode(image_b64, validate=True)
-        except (binascii.Error, ValueError):
-            return error_reply("bad_request", "image is not valid base64")
-        if not image:
-            return error_reply("rejected", "the image is empty")
-        if len(image) > self.daemon.config.max_image_size:
-            return error_reply(
-                "rejected",
-                f"the image is {len(image)} bytes, more than max_image_size "
-                f"({self.daemon.config.max_image_size}); is it really a firmware image?",
-            )
-        if hashlib.sha256(image).hexdigest() != sha256:
-            return error_reply("rejected", "the image's sha256 does not match: transfer damaged")
+            return self._stage(fields, result)
+        except QueueError as e:
+            return error_reply("rejected", str(e))
+        except Exception:
+            log.exception("internal error while staging a job")
+            return error_reply("internal", "kflashd failed on this request (a bug: see journalctl -u kflashd)")
+
+    def _stage(self, fields: Dict[str, Any], checked: "staging.CheckedImage") -> Reply:
+        selector, sha256, image = fields["selector"], checked.sha256, checked.image
+        force, now = fields["force"], fields["now"]
+        image_mcu, image_version = fields["mcu"], fields["version"]
         # The client's word on the MCU is checked against the bytes themselves: a Klipper
         # build embeds its data dictionary (with config.MCU) in klipper.bin.
-        embedded = firmware.info_from_image(image)
+        embedded = checked.info
         if embedded.mcu and image_mcu and embedded.mcu.lower() != image_mcu.lower() and not force:
             return error_reply(
                 "mismatch",
@@ -108,6 +128,13 @@ class Commands:
         image_version = embedded.version or image_version
         target = self._resolve_selector(selector)
         board, warnings = target.board, target.warnings
+        if not embedded.complete:
+            warnings.append(
+                "the search for the image's embedded data dictionary stopped at its budget: the "
+                "MCU it was built for is taken from klipper.dict" if image_mcu else
+                "the search for the image's embedded data dictionary stopped at its budget: the "
+                "MCU it was built for is unknown"
+            )
         if board is not None and not force:
             refusal = image_matches_board(image_mcu, board, self.daemon.config)
             if refusal:

@@ -3,7 +3,16 @@
 Server side runs in the daemon's loop thread and never blocks: sockets are non-blocking,
 each connection has bounded in/out buffers, and a request that is malformed, oversized or
 from a user who may not queue gets an error reply and the connection is closed; the daemon
-itself never stops because of what a client sent. Authorisation is by peer credentials
+itself never stops because of what a client sent.
+
+Memory is bounded in total, not just per connection: every request but `queue` fits in
+_SMALL_REQUEST, and only one connection at a time may hold a request larger than that (the
+"large slot", up to `max_request`). The others stop being read while they wait for the
+slot: their bytes stay in the kernel's socket buffer, and a client that waits longer than
+LARGE_WAIT is told the daemon is busy. The slot is held from the request's first large
+byte until its reply (the checks of the image run in a worker, see staging.py), and a
+holder that takes longer than LARGE_SEND to send its request is cut off. Figures:
+docs/reliability.md, "Memory". Authorisation is by peer credentials
 (SO_PEERCRED), checked once at accept: root, the daemon's own user, or a member of the
 configured group.
 
@@ -30,12 +39,21 @@ from .errors import AccessDenied, DaemonUnreachable, ProtocolError
 from .reactor import NEVER, Reactor
 
 MAX_CONNECTIONS = 64
-MAX_OUTPUT_BUFFER = 4 * 1024 * 1024  # a client that does not read its replies is dropped
+MAX_OUTPUT_BUFFER = 1024 * 1024  # a client that does not read its replies is dropped
 # A connection that sends nothing for this long (and watches no job) is closed, so idle
 # clients cannot hold every slot. The sweep timer runs only while connections exist: an
 # idle daemon keeps no periodic wake-up.
 IDLE_TIMEOUT = 60.0
 _SMALL_REQUEST = 64 * 1024  # every request but "queue" fits in this
+#: Seconds the large-slot holder has to send its whole request line ...
+LARGE_SEND = 30.0
+#: ... and seconds a connection may wait for the slot before it is told to try again.
+LARGE_WAIT = 60.0
+_RECV_CHUNK = 256 * 1024
+
+#: A handler's return value meaning "the reply comes later, through Connection.reply()";
+#: the connection's further requests wait until then.
+PENDING: Dict[str, Any] = {"pending": True}
 
 Request = Dict[str, Any]
 Reply = Dict[str, Any]
@@ -97,6 +115,8 @@ class Connection:
         self.closed = False
         self.watching: Optional[str] = None  # job id whose events this connection streams
         self.last_active = server.reactor.monotonic()
+        self.pending = False  # a request of this connection is being worked on elsewhere
+        self.waiting_since: Optional[float] = None  # waits for the large slot since then
 
     def send(self, message: Dict[str, Any]) -> None:
         if self.closed:
@@ -111,6 +131,12 @@ class Connection:
         """Close after what is queued for the client has been sent."""
         self.closing = True
         self.server.want_write(self)
+
+    def reply(self, message: Reply) -> None:
+        """The late reply to the request the handler answered with PENDING (loop thread)."""
+        self.pending = False
+        self.send(message)
+        self.server.request_done(self)
 
 
 class ControlServer:
@@ -138,6 +164,10 @@ class ControlServer:
         self.connections: Dict[int, Connection] = {}
         self.sock: Optional[socket.socket] = None
         self._sweep_timer = reactor.register_timer(self._sweep_idle)
+        self.large_owner: Optional[Connection] = None  # may hold a request > _SMALL_REQUEST
+        self._large_since = 0.0
+        self._large_waiting: List[Connection] = []
+        self._large_timer = reactor.register_timer(self._check_large)
 
     def start(self) -> None:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -229,10 +259,16 @@ class ControlServer:
                 conn.finish()
 
     def want_write(self, conn: Connection) -> None:
-        if not conn.closed:
-            self.reactor.modify_fd(
-                conn.sock.fileno(), lambda c=conn: self._on_event(c), read=not conn.closing, write=True
-            )
+        self._interest(conn)
+
+    def _interest(self, conn: Connection) -> None:
+        """Poll for what the connection needs now: write while output waits (or to close),
+        read unless closing, answered later (PENDING) or waiting for the large slot."""
+        if conn.closed:
+            return
+        read = not conn.closing and not conn.pending and conn.waiting_since is None
+        self.reactor.modify_fd(conn.sock.fileno(), lambda c=conn: self._on_event(c),
+                               read=read, write=bool(conn.outbuf) or conn.closing)
 
     def _on_event(self, conn: Connection) -> None:
         if conn.closed:
@@ -260,20 +296,27 @@ class ControlServer:
             if conn.closing:
                 self.close(conn)
             else:
-                self.reactor.modify_fd(
-                    conn.sock.fileno(), lambda c=conn: self._on_event(c), read=True, write=False
-                )
+                self._interest(conn)
 
     def _sweep_idle(self, now: float) -> float:
         for conn in list(self.connections.values()):
-            if conn.watching is None and now - conn.last_active >= IDLE_TIMEOUT:
+            if self._idle(conn) and now - conn.last_active >= IDLE_TIMEOUT:
                 self.close(conn)
-        idle_candidates = [c.last_active for c in self.connections.values() if c.watching is None]
+        idle_candidates = [c.last_active for c in self.connections.values() if self._idle(c)]
         return min(idle_candidates) + IDLE_TIMEOUT if idle_candidates else NEVER
 
+    @staticmethod
+    def _idle(conn: Connection) -> bool:
+        """Whether silence is the client's fault (not: watching, answered later, waiting)."""
+        return conn.watching is None and not conn.pending and conn.waiting_since is None
+
     def _read(self, conn: Connection) -> None:
+        if conn.pending or conn.waiting_since is not None:
+            return
+        limit = self.max_request if conn is self.large_owner else _SMALL_REQUEST
         try:
-            data = conn.sock.recv(256 * 1024)
+            # Never more than the line may still grow: inbuf stays within its bound.
+            data = conn.sock.recv(max(1, min(_RECV_CHUNK, limit + 1 - len(conn.inbuf))))
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -288,13 +331,21 @@ class ControlServer:
                 self.close(conn)
             return
         conn.inbuf += data
-        while not conn.closing and not conn.closed:
+        self._process(conn)
+
+    def _process(self, conn: Connection) -> None:
+        """Dispatch the complete lines in `conn.inbuf`, one at a time (a PENDING reply
+        holds the rest back); take or wait for the large slot when a line outgrows
+        _SMALL_REQUEST."""
+        while not conn.closing and not conn.closed and not conn.pending:
             newline = conn.inbuf.find(b"\n")
             if newline < 0:
                 if len(conn.inbuf) > self.max_request:
                     conn.inbuf.clear()
                     conn.send(error_reply("too_large", "request too large"))
                     conn.finish()
+                elif len(conn.inbuf) > _SMALL_REQUEST and conn is not self.large_owner:
+                    self._want_large(conn)
                 return
             line = bytes(conn.inbuf[:newline])
             del conn.inbuf[: newline + 1]
@@ -303,6 +354,71 @@ class ControlServer:
                 conn.finish()
                 return
             self._dispatch(conn, line)
+            if not conn.pending and conn is self.large_owner:
+                self._release_large()
+
+    # -- the large slot ----------------------------------------------------------------
+
+    def _want_large(self, conn: Connection) -> None:
+        if self.large_owner is None:
+            self._take_large(conn)
+            return
+        # Wait: stop reading it (its bytes stay in the kernel) until the slot is free.
+        conn.waiting_since = self.reactor.monotonic()
+        self._large_waiting.append(conn)
+        self._interest(conn)
+        self._arm_large_timer()
+
+    def _take_large(self, conn: Connection) -> None:
+        self.large_owner = conn
+        self._large_since = self.reactor.monotonic()
+        conn.waiting_since = None
+        self._arm_large_timer()
+
+    def _release_large(self) -> None:
+        self.large_owner = None
+        while self._large_waiting:
+            conn = self._large_waiting.pop(0)
+            if conn.closed:
+                continue
+            self._take_large(conn)
+            self._interest(conn)
+            conn.last_active = self.reactor.monotonic()
+            self._process(conn)
+            if self.large_owner is not None:
+                return
+        self._arm_large_timer()
+
+    def _arm_large_timer(self) -> None:
+        deadlines = [c.waiting_since + LARGE_WAIT for c in self._large_waiting if c.waiting_since is not None]
+        if self.large_owner is not None and not self.large_owner.pending:
+            deadlines.append(self._large_since + LARGE_SEND)
+        self.reactor.update_timer(self._large_timer, min(deadlines) if deadlines else NEVER)
+
+    def _check_large(self, now: float) -> float:
+        owner = self.large_owner
+        if owner is not None and not owner.pending and now - self._large_since >= LARGE_SEND:
+            owner.inbuf.clear()
+            owner.send(error_reply("too_slow", f"the request did not arrive within {LARGE_SEND:g} s"))
+            owner.finish()
+            self._release_large()
+        for conn in list(self._large_waiting):
+            if conn.waiting_since is not None and now - conn.waiting_since >= LARGE_WAIT:
+                self._large_waiting.remove(conn)
+                conn.waiting_since = None
+                conn.inbuf.clear()
+                conn.send(error_reply("busy", "kflashd is receiving another image; try again"))
+                conn.finish()
+        self._arm_large_timer()
+        return self._large_timer.waketime
+
+    def request_done(self, conn: Connection) -> None:
+        """A PENDING request was answered: free the slot, go on with the client's lines."""
+        if conn is self.large_owner:
+            self._release_large()
+        if not conn.closed:
+            self._interest(conn)
+            self._process(conn)
 
     def _dispatch(self, conn: Connection, line: bytes) -> None:
         try:
@@ -321,6 +437,11 @@ class ControlServer:
             return
         try:
             reply = self.handler(conn, request)
+            if reply is PENDING:
+                conn.pending = True
+                self._interest(conn)
+                self._arm_large_timer()  # the holder no longer races LARGE_SEND
+                return
         except ProtocolError as e:
             reply = error_reply("bad_request", str(e))
         except Exception:
@@ -339,6 +460,13 @@ class ControlServer:
         self.reactor.unregister_fd(fd)
         self.connections.pop(fd, None)
         conn.sock.close()
+        conn.inbuf = bytearray()
+        if conn in self._large_waiting:
+            self._large_waiting.remove(conn)
+        if conn is self.large_owner and not conn.pending:
+            # A pending request keeps the slot until its work is done (its reply is dropped):
+            # the image is still in memory until then.
+            self._release_large()
 
 
 # -- client side (kflashctl) -------------------------------------------------------------

@@ -43,6 +43,7 @@ from .models import (
 )
 from .notify import Notifier
 from .reactor import NEVER, Reactor
+from .staging import StagingWorker
 from .store import JobStore
 
 log = logging.getLogger("kflashd")
@@ -88,6 +89,7 @@ class Daemon(CycleHost):
         self.monitor: Optional[BoardMonitor] = None
         self.control: Optional[ControlServer] = None
         self.commands = Commands(self)
+        self.staging = StagingWorker(self.reactor)
         self.cycle: Optional[RunningCycle] = None
         self.stopping = False
         self.klipper_down: Optional[str] = None
@@ -146,6 +148,7 @@ class Daemon(CycleHost):
                 self.cycle.abort.set()
                 self.cycle.thread.join(self.config.timeout_flash + 3 * self.config.timeout_service)
             self.notifier.stopping()
+            self.staging.stop()
             if self.control is not None:
                 self.control.stop()
             self.reactor.close()

@@ -74,8 +74,16 @@ class Reactor:
         self._selector.register(fd, events, callback)
 
     def modify_fd(self, fd: int, callback: Callable[[], None], read: bool, write: bool) -> None:
+        """Watch `fd` for the given events; neither means: not at all for now (a level-
+        triggered fd whose data we do not want yet would otherwise wake the loop forever)."""
         events = (selectors.EVENT_READ if read else 0) | (selectors.EVENT_WRITE if write else 0)
-        self._selector.modify(fd, events, callback)
+        if not events:
+            self.unregister_fd(fd)
+            return
+        try:
+            self._selector.modify(fd, events, callback)
+        except KeyError:
+            self._selector.register(fd, events, callback)
 
     def unregister_fd(self, fd: int) -> None:
         try:

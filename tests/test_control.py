@@ -15,6 +15,7 @@ import os
 import pwd
 import queue
 import secrets
+import select
 import shutil
 import socket
 import stat
@@ -52,6 +53,7 @@ class Server:
         self.path = os.path.join(directory, "control.sock")
         self.requests: List[Dict[str, Any]] = []
         self.logs: List[str] = []
+        self.pending: List[Any] = []  # connections whose "later" request awaits its reply
         self.loop_error: Optional[BaseException] = None
         self.server = ControlServer(self.reactor, self.path, group, max_request, self.handle, self.logs.append)
         self.server.start()
@@ -75,6 +77,9 @@ class Server:
             raise RuntimeError("a bug in a handler")
         if cmd == "big":
             return {"ok": True, "data": "x" * int(request.get("n", 65536))}
+        if cmd == "queue" and request.get("later"):  # answered by the test, like an image
+            self.pending.append(conn)
+            return control.PENDING
         if cmd == "watch":
             conn.watching = "job1"
             conn.send({"ok": True, "watching": "job1"})
@@ -636,3 +641,80 @@ def test_idle_connections_are_closed_active_and_watching_ones_kept(make_server, 
     assert wait_until(lambda: server.connection_count() == 1, what="the talker's close seen")
     wait_until(lambda: server.call(lambda: server.server._sweep_timer.waketime) == control.NEVER,
                what="the sweep timer to disarm")
+
+
+# ---------------------------------------------------------------- memory bound -------
+
+
+def fill(sock: socket.socket, data: bytes, timeout: float = 0.3) -> int:
+    """Send as much of `data` as the peer takes: stop when the socket stays full for
+    `timeout` (the peer does not read it). Returns the bytes sent."""
+    sock.setblocking(False)
+    sent = 0
+    while sent < len(data):
+        try:
+            sent += sock.send(data[sent:sent + 65536])
+        except BlockingIOError:
+            if not select.select([], [sock], [], timeout)[1]:
+                break
+    sock.setblocking(True)
+    return sent
+
+
+def buffered(server: Server) -> int:
+    return server.call(lambda: sum(len(c.inbuf) + len(c.outbuf) for c in server.server.connections.values()))
+
+
+def test_one_large_request_at_a_time_bounds_memory(make_server):
+    """60 clients each start a 4 MiB request: only one is read beyond 64 KiB; when its
+    (late) reply is out, the next one gets the slot and is served in turn."""
+    max_request = 4 << 20
+    server = make_server(max_request=max_request)
+    line = json.dumps({"cmd": "queue", "later": True, "pad": "p" * (max_request - 100)}).encode() + b"\n"
+    socks = [connect(server) for _ in range(60)]
+    try:
+        sent = [fill(sock, line[:-1], timeout=5 if i == 0 else 0.05) for i, sock in enumerate(socks)]
+        assert sent[0] == len(line) - 1  # the first one got the slot and was read whole
+        held = buffered(server)
+        # One large request, and at most 64 KiB (+1 byte) for each of the others.
+        assert held <= max_request + 59 * (control._SMALL_REQUEST + 1), held
+        # The first completes its request; the slot stays with it until its reply.
+        socks[0].sendall(b"\n")
+        wait_until(lambda: server.call(lambda: len(server.pending)) == 1, what="the first request")
+        assert buffered(server) <= 60 * (control._SMALL_REQUEST + 1)
+        for i in (1, 2):  # hand the slot on, twice: each waiter is served in turn
+            conn = server.pending.pop(0)
+            server.call(lambda c=conn: c.reply({"ok": True, "n": i}))
+            assert Reader(socks[i - 1]).lines(1) == [{"ok": True, "n": i}]
+            assert fill(socks[i], line[sent[i]:], timeout=5) == len(line) - sent[i]
+            wait_until(lambda: server.call(lambda: len(server.pending)) == 1, what=f"request {i + 1}")
+        still_serving(server)
+        conn = server.pending.pop(0)
+        server.call(lambda: conn.reply({"ok": True, "n": 3}))
+    finally:
+        for sock in socks:
+            sock.close()
+    wait_until(lambda: server.connection_count() == 0, what="all connections to be closed")
+    assert server.call(lambda: server.server.large_owner) is None
+    still_serving(server)
+
+
+def test_large_slot_waiter_and_slow_holder_are_told_why(make_server, monkeypatch):
+    monkeypatch.setattr(control, "LARGE_WAIT", 0.5)
+    monkeypatch.setattr(control, "LARGE_SEND", 1.0)
+    server = make_server(max_request=1 << 20)
+    partial = b'{"cmd":"queue","later":true,"pad":"' + b"p" * (200 * 1024)
+    holder, waiter = connect(server), connect(server)
+    try:
+        fill(holder, partial, timeout=5)
+        wait_until(lambda: server.call(lambda: server.server.large_owner is not None), what="the slot taken")
+        fill(waiter, partial, timeout=0.05)
+        assert Reader(waiter).until_eof() == [
+            {"ok": False, "code": "busy", "error": "kflashd is receiving another image; try again"}]
+        assert Reader(holder).until_eof() == [
+            {"ok": False, "code": "too_slow", "error": "the request did not arrive within 1 s"}]
+    finally:
+        holder.close()
+        waiter.close()
+    assert server.call(lambda: server.server.large_owner) is None
+    assert request(server, {"cmd": "echo", "pad": "x"}) == {"ok": True, "echo": {"cmd": "echo", "pad": "x"}}
