@@ -8,8 +8,10 @@ finds one job's whole story. The catalog that explains each MESSAGE_ID is
 
 When the journal socket is missing or refuses a message, the entry goes to stderr as one
 `<N>text` line per line of text (the sd-daemon(3) prefix), which systemd's stdout/stderr
-capture turns back into a priority. Nothing is lost silently, and a journal problem never
-raises into the daemon.
+capture turns back into a priority. That write never blocks either (nbstderr.py): what
+stderr cannot take at once is dropped and counted, and the next line that gets through
+says how many were lost. Nothing is lost silently, and a journal problem never raises into
+the daemon.
 
 Thread safety: the event-loop thread and the flash worker both log. A single datagram
 socket is shared under a lock, and every send is non-blocking (MSG_DONTWAIT): when
@@ -33,6 +35,7 @@ import threading
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 from kflashd.dgram import DatagramSender
+from kflashd.nbstderr import NonBlockingWriter
 
 #: Where journald listens for native-protocol datagrams, unless KFLASHD_JOURNAL_SOCKET says
 #: otherwise (tests point it at a namespaced journald).
@@ -151,7 +154,10 @@ class JournalSender:
 
     def __init__(self, socket_path: Optional[str] = None, stream: Any = None, max_wait: float = 0.25) -> None:
         self._socket_path = socket_path
-        self._stream = stream  # None: sys.stderr at the time of writing (pytest's capsys swaps it)
+        # None: fd 2, written without blocking (NonBlockingWriter); unless sys.stderr was
+        # swapped for another stream (pytest's capsys), which then gets the text.
+        self._stream = stream
+        self._stderr = NonBlockingWriter(2)
         # The socket, the bounded wait on a full queue, the congested flag and the reconnect
         # live in DatagramSender; the address is looked up at every send (see socket_path).
         self._dgram = DatagramSender(lambda: self.socket_path, max_wait, on_too_big=_send_memfd)
@@ -212,7 +218,13 @@ class JournalSender:
         prefix = f"<{int(priority)}>"
         lines = message.splitlines() or [""]
         text = "".join(f"{prefix}{line}\n" for line in lines)
-        stream = self._stream if self._stream is not None else sys.stderr
+        stream = self._stream
+        if stream is None and sys.stderr is sys.__stderr__:
+            with self._lock:
+                self.fallbacks += 1
+            self._stderr.write(text)
+            return
+        stream = stream if stream is not None else sys.stderr
         try:
             with self._lock:
                 self.fallbacks += 1
@@ -221,8 +233,14 @@ class JournalSender:
         except (OSError, ValueError):
             pass  # stderr closed: there is nowhere left to tell
 
+    @property
+    def dropped(self) -> int:
+        """Fallback entries dropped because stderr was full (never waited for)."""
+        return self._stderr.dropped_total
+
     def close(self) -> None:
         self._dgram.close()
+        self._stderr.close()
 
 
 def _send_memfd(sock: socket.socket, payload: bytes) -> None:

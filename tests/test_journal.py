@@ -8,11 +8,13 @@ import logging
 import os
 import re
 import secrets
+import select
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import textwrap
 import time
 
 import pytest
@@ -357,3 +359,41 @@ def test_catalog_is_accepted_by_journalctl():
             capture_output=True, text=True, timeout=30,
         )
         assert "Subject: Flashing board @KFLASHD_BOARD@ failed" in dumped.stdout
+
+
+def test_stderr_fallback_never_blocks_on_a_full_pipe(tmp_path):
+    """stderr is a pipe nobody reads (journald's stream stuck): the fallback drops and
+    counts instead of waiting, and says how many were dropped once stderr drains."""
+    code = textwrap.dedent(f"""
+        import sys, time
+        from kflashd.journal import JournalSender
+        sender = JournalSender({str(tmp_path / "no-journal")!r})
+        started = time.monotonic()
+        for i in range(5000):
+            sender.send("x" * 200 + f" {{i}}", 4)
+        print(f"{{time.monotonic() - started:.3f}} {{sender.dropped}}", flush=True)
+        sys.stdin.read()  # the test drains stderr now
+        sender.send("after the drain", 4)
+    """)
+    r_fd, w_fd = os.pipe()
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=w_fd, text=True)
+    os.close(w_fd)
+    try:
+        # 1 MB into a 64 KiB pipe: a blocking write would hang the child right here.
+        assert select.select([child.stdout], [], [], 20)[0], "the fallback blocked on a full stderr"
+        elapsed, dropped = child.stdout.readline().split()
+        assert float(elapsed) < 5.0 and int(dropped) > 0
+        child.stdin.close()
+        received = b""
+        while not received.endswith(b"after the drain\n"):
+            chunk = os.read(r_fd, 1 << 20)
+            assert chunk, received[-300:]
+            received += chunk
+        notice = re.search(rb"<4>kflashd: (\d+) log entries dropped: stderr was full\n<4>after the drain", received)
+        assert notice and int(notice.group(1)) >= int(dropped) - 1, received[-300:]
+        assert child.wait(10) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+        os.close(r_fd)

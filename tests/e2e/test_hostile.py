@@ -674,6 +674,31 @@ def test_board_selectors(make_daemon, image):
     assert daemon.ctl_json("list")[0]["state"] == "queued"
 
 
+def queue_in_process(daemon: Any, request: Dict[str, Any]) -> Dict[str, Any]:
+    """A queue request through the daemon's handler without the socket: the image is
+    checked in the staging worker, the reply comes back through the loop's call queue."""
+    from kflashd.control import PENDING
+
+    replies: List[Dict[str, Any]] = []
+
+    class Conn:
+        closed = False
+
+        def reply(self, message: Dict[str, Any]) -> None:
+            replies.append(message)
+
+    reply = daemon.commands.handle(Conn(), request)
+    if reply is not PENDING:
+        return reply
+
+    def answered() -> bool:
+        daemon.reactor._run_calls()  # one turn of the loop's work from other threads
+        return bool(replies)
+
+    wait_until(answered, 10, "the staging worker's answer")
+    return replies[0]
+
+
 def test_ambiguous_serial_is_refused(tmp_path):
     """Two connected boards reporting serial 12345 (built without CHIPID): which one is meant?
 
@@ -706,14 +731,14 @@ def test_ambiguous_serial_is_refused(tmp_path):
     try:
         data = make_image(mcu=MCU, size=3000, seed=1)
         for selector in ("12345", f"/dev/serial/by-id/usb-katapult_{MCU}_12345-if00"):
-            reply = daemon.commands.handle(None, queue_request(data, board=selector))  # type: ignore[arg-type]
+            reply = queue_in_process(daemon, queue_request(data, board=selector))
             assert reply is not None and reply["ok"] is False, reply
             assert f"ambiguous board {selector!r}: more than one board reports serial 12345" in reply["error"]
             assert "/dev/ttyACM0 on port 1-1.2" in reply["error"] and "/dev/ttyACM1 on port 1-1.3" in reply["error"]
             assert "by-path" in reply["error"]  # says how to name the board
         # Not even by its device node: a job follows its board by serial (the node changes
         # when the board reboots into Katapult), and two boards report this one.
-        reply = daemon.commands.handle(None, queue_request(data, board="/dev/ttyACM1"))  # type: ignore[arg-type]
+        reply = queue_in_process(daemon, queue_request(data, board="/dev/ttyACM1"))
         assert reply is not None and reply["ok"] is False and "ambiguous" in reply["error"], reply
         assert not (tmp_path / "state" / "jobs").exists() or not os.listdir(tmp_path / "state" / "jobs")
     finally:
