@@ -36,7 +36,7 @@ ENV_OUT = "KFLASHD_RELIABILITY_OUT"
 JSONL_NAME = "reliability.jsonl"
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DOC = REPO / "docs" / "reliability.md"
-SUITE = ["tests/e2e/test_faults.py", "tests/e2e/test_cycle.py"]
+SUITE = ["tests/e2e/test_faults.py", "tests/e2e/test_cycle.py", "tests/e2e/test_loop.py"]
 
 #: Faults whose end-to-end test lives in test_cycle.py (owned elsewhere, not duplicated in
 #: test_faults.py). These tests do not record observed values, so the row shows what the test
@@ -74,6 +74,34 @@ COVERED_ELSEWHERE: List[Dict[str, str]] = [
         "job": "asserted: done via make_flash, make run as the tree's owner (uid 65534)",
         "evidence": "asserted: history method make_flash, make's argv FLASH_DEVICE",
     },
+]
+
+
+#: How much memory a client can make the daemon hold (control.py, staging.py); the figure
+#: that test_loop.py asserts on the daemon's peak (VmHWM) under attack.
+MEMORY_SECTION = [
+    "",
+    "## Memory",
+    "",
+    "What clients can make the daemon hold is bounded in total, not only per connection",
+    "(control.py, staging.py). With the default max_image_size of 8 MiB (a queue request is at",
+    "most max_request = 4/3 x 8 MiB + 64 KiB = 10.7 MiB of base64 and JSON):",
+    "",
+    "- each of the at most 64 connections: at most 64 KiB of request and 1 MiB of unsent",
+    "  replies (a client that reads nothing is dropped past that): 64 x 1.06 MiB = 68 MiB;",
+    "- one large request at a time (the large-request slot, held until its reply): its line",
+    "  (10.7 MiB) and, while it is parsed and checked, its transient copies (the line, the",
+    "  JSON string, the decoded image, one dictionary candidate of at most 16 MiB): about",
+    "  5 x 10.7 MiB = 55 MiB. Other large requests wait unread in the kernel's socket buffer",
+    "  (a waiter is told `busy` after 60 s, a holder that has not sent its line in 30 s is",
+    "  cut off);",
+    "- on top of the daemon's own ~40 MiB: 200 MiB in all, the bound `test_loop.py` asserts",
+    "  on the daemon's peak (VmHWM) while a crafted image and 60 filling connections hit it",
+    "  (the row above gives the peak it measured). Before: 64 x ~11 MB buffers, ~700 MB.",
+    "",
+    "Known limit: 64 connections that each start a large request and never finish it keep",
+    "the slot busy (30 s each), so a real `kflashctl queue` may be told `busy` meanwhile; the",
+    "loop, `status`, the watchdog and a running flash are not affected.",
 ]
 
 
@@ -186,9 +214,10 @@ def render(records: List[Dict[str, Any]], results: Dict[str, str], command: str,
             _cell(r["evidence"]), f"`{_short(r['test'])}`", results.get(r["test"], "not run"),
         ]) + " |")
     missing = [t for t, outcome in results.items()
-               if t.startswith("tests/e2e/test_faults.py") and t not in seen]
+               if t.startswith(("tests/e2e/test_faults.py", "tests/e2e/test_loop.py")) and t not in seen]
     for test in missing:
         lines.append(f"| (no record) | | | | | `{_short(test)}` | {results[test]} |")
+    lines += MEMORY_SECTION
     lines += [
         "",
         "## Covered by `test_cycle.py`",

@@ -23,8 +23,10 @@ from typing import Any, Dict, List
 import pytest
 
 from kflashd.control import ControlClient, encode
+from tests.e2e import reliability
 from tests.e2e.conftest import MCU, SERIAL, Printer
-from tests.e2e.harness import PYTHON, REPO, KflashdProcess, wait_until
+from tests.e2e.harness import KflashdProcess
+from tests.support import public
 from tests.e2e.test_hostile import open_workdir  # noqa: F401 (fixture)
 from tests.farm.images import bomb_image, make_image
 
@@ -120,7 +122,7 @@ def test_status_and_watchdog_keep_going_under_a_crafted_image_and_full_buffers(
             "    print(json.dumps(c.receive()))\n")
         env = {k: v for k, v in daemon.env.items() if k not in ("LD_PRELOAD", "UMOCKDEV_DIR", "NOTIFY_SOCKET")}
         env.update(HOME="/nonexistent", PYTHONDONTWRITEBYTECODE="1")
-        attacker = subprocess.Popen([PYTHON, "-c", code], env=env, cwd=str(REPO), stdout=subprocess.PIPE,
+        attacker = subprocess.Popen([public.python(), "-c", code], env=env, cwd=str(public.root()), stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True, user="nobody", group="nogroup",
                                     extra_groups=[temp_group])
         # Sent (all but what the kernel buffers): it holds the daemon's one large-request slot.
@@ -165,6 +167,16 @@ def test_status_and_watchdog_keep_going_under_a_crafted_image_and_full_buffers(
                     peak = int(line.split()[1]) // 1024
         print(f"peak memory (VmHWM): {peak} MiB")
         assert peak <= MEMORY_BOUND_MIB, f"peak memory {peak} MiB"
+        warning = next(w for w in reply["warnings"] if "budget" in w)
+        reliability.record(
+            "a group member queues a crafted 8 MiB image (~500 zlib streams inflating to 16 MiB "
+            "each); 60 connections each start a 10.7 MiB request and never end it",
+            "mid-flash (slow board), WATCHDOG_USEC = 2 s",
+            f"running (printer.running: {printer.running})",
+            f"{job['state']}: {job['message']}",
+            f"`kflashctl status` answered {len(latencies)} times, slowest {max(latencies) * 1000:.0f} ms; "
+            f"longest WATCHDOG=1 gap {gap:.2f} s; daemon peak memory (VmHWM) {peak} MiB; the crafted "
+            f"image was staged with the warning: {warning}")
     finally:
         for sock in socks:
             sock.close()
