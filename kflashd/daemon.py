@@ -43,6 +43,7 @@ from .models import (
 )
 from .notify import Notifier
 from .reactor import NEVER, Reactor
+from .signals import EarlySignals
 from .staging import StagingWorker
 from .store import JobStore
 
@@ -81,8 +82,10 @@ class RunningCycle:
 
 
 class Daemon(CycleHost):
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, early: Optional[EarlySignals] = None) -> None:
         self.config = config
+        self.early = early  # signals that came before the loop (main() installs it first)
+        self.stop_requested = early.stop if early is not None else threading.Event()
         self.reactor = Reactor()
         self.notifier = Notifier()
         self.store = JobStore(config.state_dir)
@@ -111,6 +114,13 @@ class Daemon(CycleHost):
         for problem in self.store.load():
             log.error(problem)
         self._recover_from_crash()
+        if self.stop_requested.is_set():
+            # SIGTERM/SIGINT during start-up: stop before serving anything. If Klipper could
+            # not be started, its marker stays and the next start tries again.
+            log.info("stopping: a stop signal came during start-up")
+            self.notifier.stopping()
+            self.reactor.close()
+            return 0
 
         self.monitor = BoardMonitor()
         present = self.monitor.start()
@@ -140,6 +150,9 @@ class Daemon(CycleHost):
         log.info(f"kflashd {__version__} ready: {len(self.store.queued())} job(s) queued")
         self.update_status()
         self.schedule()
+        if self.early is not None:  # a SIGHUP during start-up: the reload happens now
+            self.early.replay(lambda signum: self.reactor.call_soon_threadsafe(
+                lambda: self.reactor.deliver_signal(signum)))
         try:
             self.reactor.run()
         finally:
@@ -182,7 +195,8 @@ class Daemon(CycleHost):
                 f"(job {data.get('job', '?')}): starting Klipper now"
             )
             try:
-                service.start_services(tuple(services), timeout=self.config.timeout_service)
+                service.start_services(tuple(services), timeout=self.config.timeout_service,
+                                       abort=self.stop_requested)
             except KflashError as e:
                 log.critical(
                     f"KLIPPER IS NOT RUNNING: {e}",
@@ -566,6 +580,7 @@ class Daemon(CycleHost):
             conn.send(event)
 
 def main(argv: Optional[List[str]] = None) -> int:
+    early = EarlySignals()  # first: no signal may take its default action from here on
     parser = argparse.ArgumentParser(
         prog="kflashd",
         description=(
@@ -580,7 +595,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     journal.setup_logging()
     try:
         config = load_config(args.config)
-        return Daemon(config).run()
+        return Daemon(config, early).run()
     except ConfigError as e:
         log.error(f"configuration error: {e}")
         return 78  # EX_CONFIG: systemd's RestartPreventExitStatus can stop a restart loop

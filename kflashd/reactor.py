@@ -121,6 +121,13 @@ class Reactor:
         # the real work happens when the wake-up byte is read in the loop.
         signal.signal(signum, lambda _signum, _frame: None)
 
+    def deliver_signal(self, signum: int) -> None:
+        """Run `signum`'s registered handler now (loop thread): a signal latched before the
+        loop existed (signals.EarlySignals) is handled like one that comes now."""
+        handler = self._signal_handlers.get(signum)
+        if handler is not None:
+            handler(signum)
+
     def _read_signals(self) -> None:
         assert self._sig_r is not None
         try:

@@ -208,8 +208,11 @@ def start_services(
     verify_sudo: bool = True,
     tries: int = START_TRIES,
     retry_delay: Optional[float] = None,
+    abort: Optional[threading.Event] = None,
 ) -> None:
     """`systemctl start UNITS`, retried; raises ServiceError after the last failed try.
+
+    `abort` set (the daemon is stopping) ends the retries after the try in hand.
 
     Used by the context manager's `finally` and by the daemon's crash recovery at start-up
     (a daemon killed with SIGKILL mid-flash left Klipper stopped).
@@ -233,7 +236,10 @@ def start_services(
             last = _failure_text("start", units, result)
         log.warning(f"{last} (try {attempt} of {tries})")
         if attempt < tries:
-            time.sleep(delay)
+            if abort is None:
+                time.sleep(delay)
+            elif abort.is_set() or abort.wait(delay):
+                raise ServiceError(f"{last}; no more tries: kflashd is stopping")
     raise ServiceError(last)
 
 

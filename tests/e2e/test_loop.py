@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import select
+import signal
 import socket
 import subprocess
 import threading
@@ -186,3 +187,45 @@ def test_status_and_watchdog_keep_going_under_a_crafted_image_and_full_buffers(
             daemon.stop()
         finally:
             print(f"----- kflashd log -----\n{daemon.log()}")
+
+
+# ---------------------------------------------------------------- signals at start-up ------
+
+
+def recovering_daemon(make_daemon, standins):
+    """A daemon started after a crash (marker present) whose `systemctl start` hangs: it sits
+    in start-up recovery (3 tries of timeouts.service) before it serves anything."""
+    daemon = make_daemon(start=False, timeouts={"service": 4})
+    daemon.runtime_dir.mkdir(parents=True, exist_ok=True)
+    (daemon.runtime_dir / "cycle.marker").write_text(json.dumps({"pid": 1, "job": "0123456789ab",
+                                                                  "services": ["klipper"]}))
+    standins.set("systemctl", {"start": {"hang": True}})
+    daemon.start(wait_ready=lambda: "start" in standins.systemctl_verbs())
+    return daemon
+
+
+def test_sighup_during_start_up_recovery_reloads_once_ready(make_daemon, standins, notify_socket):
+    daemon = recovering_daemon(make_daemon, standins)
+    daemon.send_signal(signal.SIGHUP)  # `systemctl reload` while Klipper is being started
+    standins.set("systemctl", {})  # the next try starts Klipper
+    ready = notify_socket.index_of(lambda m: m.startswith("READY=1"), timeout=30)
+    assert daemon.process.poll() is None, f"kflashd died of the SIGHUP:\n{daemon.log()}"
+    reloading = notify_socket.index_of("RELOADING=1", timeout=10, after=ready)
+    notify_socket.index_of(lambda m: m.startswith("READY=1"), timeout=10, after=reloading)
+    assert "configuration reloaded" in daemon.log()
+    assert not (daemon.runtime_dir / "cycle.marker").exists()  # Klipper was started
+    assert daemon.ctl("status").returncode == 0
+
+
+def test_sigterm_during_start_up_recovery_stops_cleanly(make_daemon, standins, notify_socket):
+    daemon = recovering_daemon(make_daemon, standins)
+    tries = standins.systemctl_verbs().count("start")
+    started = time.monotonic()
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.process.wait(20) == 0, daemon.log()  # not killed by the signal: exit 0
+    # The try in hand ends (timeouts.service = 4 s); no more tries after the stop request.
+    assert time.monotonic() - started < 4 + 3
+    assert standins.systemctl_verbs().count("start") == tries
+    assert not any(m.startswith("READY=1") for m in notify_socket.messages)
+    assert (daemon.runtime_dir / "cycle.marker").exists()  # Klipper still stopped: next start tries
+    assert "a stop signal came during start-up" in daemon.log()
