@@ -13,8 +13,8 @@
 #   --polkit KIND    auto (default), rules (polkit >= 0.106), pkla (older polkit), none
 #   --editable       run the code from this checkout (for Moonraker updates; keep the clone)
 #   --offline        no downloads: the venv sees Debian's python3-serial, python3-pyudev,
-#                    python3-sdnotify, python3-setuptools and python3-wheel (install them
-#                    first); only kflashd itself is installed into it
+#                    python3-setuptools and python3-wheel (install them first); only
+#                    kflashd itself is installed into it
 #   --no-start       install and enable, but do not (re)start the service now
 #   --uninstall      remove kflashd; with --keep-config /etc/kflashd/kflashd.toml stays
 #
@@ -182,7 +182,7 @@ make_venv() {
 # --offline takes the dependencies from Debian: say which package is missing, if any.
 check_dependencies() {
     local module missing=()
-    for module in serial:python3-serial pyudev:python3-pyudev sdnotify:python3-sdnotify; do
+    for module in serial:python3-serial pyudev:python3-pyudev; do
         "$DESTDIR$VENV/bin/python" -c "import ${module%%:*}" 2>/dev/null || missing+=("${module#*:}")
     done
     if ((${#missing[@]})); then

@@ -1,13 +1,15 @@
 """sd_notify for kflashd: READY/STATUS/WATCHDOG/RELOADING/STOPPING to systemd, never blocking.
 
-This module owns the daemon's side of NOTIFY_SOCKET. It is a small sender of its own rather
-than the `sdnotify` package because that one sends with a blocking socket: a manager (or a
-test) that does not drain its queue, which the kernel keeps only ~10 datagrams deep unless
-systemd's sysctl raised it, would then stall the event loop and with it the watchdog ping.
-Here every send is non-blocking; when the queue is full we wait for room for at most
-`max_wait` (50 ms) once, then drop the message and count it (`dropped`). After one such drop
-we stop waiting until a send succeeds again, so a receiver that has stopped reading costs
-the daemon 50 ms once, not on every STATUS line.
+This module owns the daemon's side of NOTIFY_SOCKET: it is kflashd's one notify path. It is
+a small sender of its own, not the `sdnotify` package (which is not a dependency; why, in
+docs/design.md, "Shape of the code"): sdnotify's notifier sends with a blocking socket, so a
+manager (or a test) that does not drain its queue, which the kernel keeps only ~10 datagrams
+deep unless systemd's sysctl raised it, would stall the event loop and with it the watchdog
+ping; it also hides every error and encodes text as Latin-1. Here every send is
+non-blocking; when the queue is full we wait for room for at most `max_wait` (50 ms) once,
+then drop the message and count it (`dropped`). After one such drop we stop waiting until a
+send succeeds again, so a receiver that has stopped reading costs the daemon 50 ms once, not
+on every STATUS line.
 
 Without NOTIFY_SOCKET every call is a no-op (the daemon run by hand, or by a non-notify unit).
 

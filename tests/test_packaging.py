@@ -519,3 +519,43 @@ def test_install_doc_has_the_moonraker_snippet_and_troubleshooting():
     for command in ("journalctl -u kflashd", "kflashctl status", "sudo ./install.sh --uninstall",
                     "sudo ./install.sh"):
         assert command in text, command
+
+
+# ------------------------------------------------------------------ dependencies ----
+
+#: Distribution name (pyproject) -> the module kflashd imports.
+IMPORT_NAMES = {"pyudev": "pyudev", "pyserial": "serial", "tomli": "tomli"}
+
+
+def declared_dependencies() -> Set[str]:
+    """The distributions of [project] dependencies, without versions or markers."""
+    text = (REPO / "pyproject.toml").read_text()
+    block = re.search(r"^dependencies = \[(.*?)^\]", text, re.S | re.M)
+    assert block, "pyproject.toml has no [project] dependencies list"
+    return {re.match(r"[A-Za-z0-9_.-]+", item).group(0).lower()
+            for item in re.findall(r'"([^"]+)"', block.group(1))}
+
+
+def third_party_imports() -> Set[str]:
+    """Top-level modules kflashd imports that are neither the standard library nor kflashd."""
+    import ast
+    import sys
+
+    found: Set[str] = set()
+    for path in (REPO / "kflashd").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+    return {name for name in found if name not in sys.stdlib_module_names and name != "kflashd"}
+
+
+def test_every_declared_dependency_is_used_and_every_import_declared():
+    # A declared package nothing imports is installed on every printer host for nothing (as
+    # sdnotify was: kflashd's one notify path is kflashd/notify.py, see docs/design.md).
+    declared = {name: IMPORT_NAMES.get(name, name) for name in declared_dependencies()}
+    imported = third_party_imports()
+    unused = {name for name, module in declared.items() if module not in imported}
+    assert unused == set(), "declared in pyproject.toml but imported nowhere in kflashd/"
+    assert imported - set(declared.values()) == set(), "imported by kflashd/ but not declared"
