@@ -17,12 +17,12 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
-from . import __version__, journal, staging
+from . import __version__, cancycle, canbus, journal, staging
 from .control import PENDING, Connection, Reply, Request, error_reply
 from .cycle import image_matches_board
 from .devices import serial_from_by_id
 from .errors import QueueError
-from .models import JOB_CANCELLED, JOB_QUEUED, JOB_RUNNING, MODE_KATAPULT, Board, Job
+from .models import JOB_CANCELLED, JOB_QUEUED, JOB_RUNNING, MODE_BRIDGE, MODE_KATAPULT, Board, Job
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -158,7 +158,15 @@ class Commands:
         if replaced is not None:
             warnings.append(f"replaces job {replaced.id}, which was queued for the same board")
             self.daemon.notify_watchers(replaced, {"event": "end", "job": replaced.to_dict()})
-        if now and board is None:
+        node = cancycle.node_board(self.daemon.config, serial)
+        if node is not None:
+            why = cancycle.bus_refusal(node)
+            if not now:
+                warnings.append("a CAN toolhead board sends no udev event: the job runs with --now only "
+                                "(queue it again with --now)")
+            elif why:
+                warnings.append(f"--now: {why}; the job waits for the bus, Klipper is not touched")
+        elif now and board is None:
             warnings.append("--now: the board is not connected; the job waits for it")
         elif now and board is not None and board.mode == MODE_KATAPULT:
             warnings.append("--now: the board already waits in Katapult")
@@ -196,8 +204,7 @@ class Commands:
                 f"this kflashd cannot flash CAN boards yet"
             )
         if named is not None:
-            assert named.serial is not None
-            serial, port = named.serial, named.port
+            serial, port = named.serial or named.canbus_uuid or "", named.port
         elif selector.startswith("/dev/"):
             present = [b for b in monitor.boards.values() if selector in (b.by_id, b.by_path, b.device_node)]
             by_id_serial = serial_from_by_id(selector)
@@ -224,11 +231,11 @@ class Commands:
         if port is None and monitor.serial_is_shared(serial):
             raise QueueError(ambiguous_serial(selector, serial, monitor.find(serial)))
         board = present[0] if present else None
-        if board is None and named is None:
+        known = self.daemon.config.board_by_serial(serial, port) or canbus.can_board(self.daemon.config, serial)
+        if board is None and named is None and known is None:
             where = f" on port {port}" if port else ""
             warnings.append(f"no board with serial {serial}{where} is connected now; the job waits for it")
-        config_board = self.daemon.config.board_by_serial(serial, port)
-        return Target(serial, port, config_board.name if config_board else None, board, warnings)
+        return Target(serial, port, known.name if known else None, board, warnings)
 
     def _cmd_list(self, conn: Connection, request: Request) -> Reply:
         return {"ok": True, "jobs": [j.to_dict() for j in self.daemon.store.jobs() if j.state in (JOB_QUEUED, JOB_RUNNING)]}
@@ -259,13 +266,28 @@ class Commands:
         return {"ok": True, "boards": self._boards_reply()}
 
     def _boards_reply(self) -> List[Dict[str, Any]]:
+        """USB boards and bridges udev sees, then the configured CAN toolheads (with the
+        state of their interface, read now: up, down or missing)."""
         assert self.daemon.monitor is not None
+        config = self.daemon.config
         boards = []
         for board in sorted(self.daemon.monitor.boards.values(), key=lambda b: b.device_node):
-            named = self.daemon.config.board_by_serial(board.serial, board.port_path)
+            named = config.board_by_serial(board.serial, board.port_path)
             queued = self.daemon.store.queued_for(board.serial, board.port_path)
+            extra: Dict[str, Any] = {}
+            if board.mode == MODE_BRIDGE:
+                extra["interface_state"] = canbus.read_interface(board.interface).state if board.interface else "missing"
+                extra["canbus_uuid"] = canbus.bridge_uuid(config, board.serial)
             boards.append(dict(board.to_dict(), name=named.name if named else None,
-                               queued_job=queued.id if queued else None))
+                               queued_job=queued.id if queued else None, **extra))
+        for named in config.boards.values():
+            node = cancycle.node_board(config, named.canbus_uuid or "") if not named.serial else None
+            if node is None:
+                continue
+            queued = self.daemon.store.queued_for(node.serial)
+            boards.append(dict(node.to_dict(), name=named.name, queued_job=queued.id if queued else None,
+                               canbus_uuid=node.serial,
+                               interface_state=canbus.read_interface(node.interface or "").state))
         return boards
 
     def _cmd_cancel(self, conn: Connection, request: Request) -> Reply:

@@ -283,6 +283,9 @@ def print_devices(boards: List[Dict[str, Any]], as_json: bool) -> int:
         for link in (b.get("by_id"), b.get("by_path")):
             if link:
                 print(f"{'':<14}  {link}")
+        if b.get("interface_state"):
+            role = "bus" if b["mode"] == "can_bridge" else "on"
+            print(f"{'':<14}  {role} {b['interface']}: {b['interface_state']}, canbus_uuid {b.get('canbus_uuid')}")
     return EXIT_OK
 
 

@@ -23,10 +23,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, MutableMapping, Optional, Tuple
 
-from . import bootloader, flasher, guard
+from . import bootloader, cancycle, canbus, flasher, guard
 from .config import Config
 from .errors import DiscoveryError, Interrupted, KflashError, ServiceError
-from .models import MODE_KATAPULT, MODE_KLIPPER, Board, FlashResult, Job
+from .models import KLIPPER_MODES, MODE_BRIDGE, MODE_CAN_NODE, MODE_KATAPULT, Board, FlashResult, Job
 from .klipper_stop import KlipperStop
 from .store import JobStore
 
@@ -86,7 +86,7 @@ class CycleHost:
         raise NotImplementedError
 
     def wait_for_board(
-        self, serial: str, mode: str, timeout: float, abort: threading.Event,
+        self, serial: str, mode: "str | Tuple[str, ...]", timeout: float, abort: threading.Event,
         port: Optional[str] = None,
     ) -> Optional[Board]:
         raise NotImplementedError
@@ -161,6 +161,7 @@ class FlashCycle:
         self.board = board
         self.abort = abort
         self.log = JobLog(logging.getLogger("kflashd.cycle"), job)
+        self.returned: Optional[Board] = None  # the board back in Klipper mode after the flash
 
     def run(self) -> Outcome:
         """One board's whole story, Klipper stopped and started by this job alone."""
@@ -175,6 +176,10 @@ class FlashCycle:
             return Outcome(BUSY, verdict.reason)
         if not verdict.klipper_running:
             self.log.info(f"print guard: {verdict.reason}")
+
+        refusal = self.can_refusal()
+        if refusal:
+            return Outcome(FAILED, refusal)
 
         try:
             image_path = self.checked_image()
@@ -199,6 +204,16 @@ class FlashCycle:
         if self.job.force:
             return None
         return image_matches_board(self.job.image_mcu, self.board, self.config)
+
+    def can_refusal(self) -> Optional[str]:
+        """CAN: why not now (the bus missing or down, a toolhead in Katapult that is another
+        MCU), asked read-only after the print guard and before Klipper is touched; a batch
+        asks it for each CAN board before its one stop (cancycle's docstring)."""
+        refusal = cancycle.bus_refusal(self.board)
+        if refusal is None and self.board.mode == MODE_CAN_NODE:
+            refusal = cancycle.preflight_node(self.board, self.config, self.job.image_mcu, self.job.force,
+                                              self.abort, self.log)  # type: ignore[arg-type]
+        return f"{refusal}; Klipper was not touched" if refusal else None
 
     def after_start(self, outcome: Outcome, start_failure: Optional[str]) -> Outcome:
         """The job's outcome once Klipper was started again: a failed start is said in the
@@ -225,10 +240,20 @@ class FlashCycle:
         job, config = self.job, self.config
         board = self.board
         self._check_abort()  # SIGTERM during the stop: do not send the board to its bootloader
-        if board.mode == MODE_KLIPPER:
+        if board.mode == MODE_CAN_NODE:
+            return self._flash_can_node(image_path)
+        if board.mode in KLIPPER_MODES:
             self.host.phase(job, PHASE_BOOTLOADER)
-            self.log.info(f"asking {board.device_node} to reboot into Katapult")
-            bootloader.request_bootloader(board.device_node)
+            if board.mode == MODE_BRIDGE:
+                # Over its own bus; its arrival as 6177 is this cycle's, not a new one.
+                self.log.info(f"asking the USB-to-CAN bridge on {board.interface} to reboot into Katapult")
+                failure = cancycle.request_bridge_bootloader(board, config, self.abort, self.log)  # type: ignore[arg-type]
+                if failure:
+                    self._check_abort()
+                    return Outcome(FAILED, failure)
+            else:
+                self.log.info(f"asking {board.device_node} to reboot into Katapult")
+                bootloader.request_bootloader(board.device_node)
             found = self._await_board(MODE_KATAPULT, config.timeout_bootloader)
             if found is None:
                 return Outcome(
@@ -264,9 +289,11 @@ class FlashCycle:
 
         if config.timeout_reboot > 0:
             self.host.phase(job, PHASE_REBOOT)
+            # A USB-to-CAN bridge comes back as 606f (no tty), any other board as 614e.
             back = self.host.wait_for_board(
-                board.serial, MODE_KLIPPER, config.timeout_reboot, self.abort, port=board.port_path
+                board.serial, KLIPPER_MODES, config.timeout_reboot, self.abort, port=board.port_path
             )
+            self.returned = back
             if back is None and self.abort.is_set():
                 return Outcome(DONE, f"{done} (reboot not awaited: kflashd was stopping)", result)
             if back is None:
@@ -277,6 +304,24 @@ class FlashCycle:
                     result,
                 )
         return Outcome(DONE, done, result)
+
+    def _flash_can_node(self, image_path: str) -> Outcome:
+        """A CAN toolhead: flashtool.py sends it to Katapult and flashes it in one run."""
+        job, config, board = self.job, self.config, self.board
+        self.host.phase(job, PHASE_FLASHING, 0)
+        iface = board.interface or canbus.DEFAULT_INTERFACE
+        result = flasher.flash_device(
+            iface, image_path, config.katapult_dir, None, timeout=config.timeout_flash,
+            progress=self._progress, abort=self.abort, log=self.log,  # type: ignore[arg-type]
+            target=canbus.target_args(iface, board.serial),
+        )
+        job.results.append(result)
+        if not result.success:
+            self._check_abort()
+            return Outcome(FAILED, result.error_message or "flash failed", result)
+        # No udev event tells that a CAN node booted: Klipper reporting the new version
+        # for the [mcu] whose canbus_uuid names it is the proof (_confirm_version).
+        return Outcome(DONE, f"flashed via {result.method} over {iface} in {result.elapsed_seconds:.1f} s", result)
 
     def _progress(self, phase: str, percent: int) -> None:
         shown = PHASE_VERIFYING if phase == "verify" else PHASE_FLASHING
@@ -312,10 +357,14 @@ class FlashCycle:
             return
         deadline = time.monotonic() + max(self.config.timeout_reboot, 2.0)
         version = None
+        uuid = cancycle.uuid_of(self.returned or self.board, self.config)
         while time.monotonic() < deadline and not self.abort.is_set():
-            version = guard.query_mcu_version_for(
-                self.config.klipper_api_socket, self.board.serial, by_path=self.board.by_path
-            )
+            if uuid is not None:  # a CAN node or a bridge: its [mcu] names it by canbus_uuid
+                version = canbus.query_mcu_version_for_uuid(self.config.klipper_api_socket, uuid)
+            else:
+                version = guard.query_mcu_version_for(
+                    self.config.klipper_api_socket, self.board.serial, by_path=self.board.by_path
+                )
             if version == job.image_version:
                 break
             # The job is done only when this answers: a short poll (two small API queries)

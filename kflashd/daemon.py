@@ -20,9 +20,9 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple, Union
 
-from . import __version__, journal
+from . import __version__, cancycle, canbus, journal
 from .commands import Commands, ambiguous_serial
 from .config import Config, load_config
 from .control import ControlServer
@@ -37,7 +37,7 @@ from .models import (
     JOB_QUEUED,
     JOB_RUNNING,
     MODE_KATAPULT,
-    MODE_KLIPPER,
+    KLIPPER_MODES,
     Board,
     Job,
 )
@@ -55,15 +55,15 @@ class BoardWaiter:
 
     __slots__ = ("serial", "port", "mode", "event", "board")
 
-    def __init__(self, serial: str, mode: str, port: Optional[str]) -> None:
+    def __init__(self, serial: str, mode: Union[str, Tuple[str, ...]], port: Optional[str]) -> None:
         self.serial = serial
         self.port = port
-        self.mode = mode
+        self.mode = (mode,) if isinstance(mode, str) else tuple(mode)
         self.event = threading.Event()
         self.board: Optional[Board] = None
 
     def wants(self, board: Board) -> bool:
-        return (board.serial == self.serial and board.mode == self.mode
+        return (board.serial == self.serial and board.mode in self.mode
                 and (self.port is None or board.port_path == self.port))
 
 
@@ -102,6 +102,8 @@ class Daemon(CycleHost):
         self._waiters_lock = threading.Lock()
         self._guard_timer = self.reactor.register_timer(self._guard_retry)
         self._klipper_timer = self.reactor.register_timer(self._retry_klipper_start)
+        # No uevent tells that a CAN link went up: while a CAN job waits for its bus, look.
+        self._bus_timer = self.reactor.register_timer(self._bus_poll)
         self._klipper_starting = False  # a retry of `systemctl start` runs in a thread
         self._last_status = ""
         self.exit_code = 0
@@ -239,6 +241,11 @@ class Daemon(CycleHost):
         changed = False
         for action, board in self.monitor.poll():
             changed = True
+            if action == "net":
+                iface = self.monitor.interface(board.interface or "")
+                log.info(f"CAN interface {iface.name}: {iface.state}"
+                         + (f" (USB-to-CAN bridge {board.serial})" if board.serial else ""))
+                continue
             log.info(f"{action}: {board.mode} board {board.serial} ({board.mcu}) at {board.device_node}")
             if action == "add":
                 self._wake_waiters(board)
@@ -306,7 +313,7 @@ class Daemon(CycleHost):
         if busy or self.stopping or self.monitor is None:
             self.update_status()
             return
-        for job in self.store.queued():
+        for job in canbus.order_jobs(self.store.queued(), self.config, self.monitor.bridges()):
             if job.port is None and self.monitor.serial_is_shared(job.serial):
                 self._finish(job, JOB_FAILED, ambiguous_serial(job.selector, job.serial,
                                                                self.monitor.find(job.serial)))
@@ -320,12 +327,37 @@ class Daemon(CycleHost):
     def _board_for(self, job: Job) -> Optional[Board]:
         """The job's board, if it is ready: in Katapult, or (for --now) running Klipper."""
         assert self.monitor is not None
-        modes = (MODE_KATAPULT, MODE_KLIPPER) if job.now else (MODE_KATAPULT,)
-        for mode in modes:
-            for board in self.monitor.find(job.serial, mode):
+        for board in self.monitor.find(job.serial, MODE_KATAPULT):
+            if job.fits(board):
+                return board
+        node = cancycle.node_board(self.config, job.serial)
+        if node is not None:
+            return self._can_node_ready(job, node)
+        if job.now:
+            for board in self.monitor.find(job.serial, KLIPPER_MODES):
                 if job.fits(board):
                     return board
         return None
+
+    def _can_node_ready(self, job: Job, node: Board) -> Optional[Board]:
+        """A CAN toolhead's job runs on --now once its bus is up; until then it waits, says
+        why, and the bus is looked at again (sysfs) every second."""
+        if not job.now:
+            return None
+        why = cancycle.bus_refusal(node)
+        if why is None:
+            return node
+        message = f"waiting: {why}"
+        if job.message != message:
+            job.message = message
+            self.store.update(job)
+            self.log_job(logging.WARNING, message, job)
+        self.reactor.update_timer(self._bus_timer, self.reactor.monotonic() + 1.0)
+        return None
+
+    def _bus_poll(self, now: float) -> float:
+        self.schedule()
+        return NEVER
 
     def _start_cycle(self, job: Job, board: Board) -> None:
         self.guard_wait = None
@@ -432,7 +464,7 @@ class Daemon(CycleHost):
         self.reactor.call_soon_threadsafe(update)
 
     def wait_for_board(
-        self, serial: str, mode: str, timeout: float, abort: threading.Event,
+        self, serial: str, mode: Union[str, Tuple[str, ...]], timeout: float, abort: threading.Event,
         port: Optional[str] = None,
     ) -> Optional[Board]:
         waiter = BoardWaiter(serial, mode, port)

@@ -5,18 +5,26 @@ that leaves this module is a plain `Board`. The monitor is started *before* the 
 enumeration so that a board plugged in between the two is seen (possibly twice, which the
 caller's board table absorbs) rather than missed.
 
-What is a board: a tty whose USB device is Katapult (1d50:6177) or Klipper (1d50:614e).
-Anything else (a USB-serial adapter, a CAN bridge) is ignored.
+What is a board: a tty whose USB device is Katapult (1d50:6177) or Klipper (1d50:614e), or
+a USB device that runs Klipper as a USB-to-CAN bridge (1d50:606f: no tty, a `net` child
+such as can0). CAN interfaces (any `net` device of type CAN, under a bridge or another
+adapter) are followed too (`interfaces`), so the daemon knows when a bus appears or goes.
+Anything else (a USB-serial adapter) is ignored.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import re
-from typing import Dict, Iterator, List, Optional, Set, Tuple
+from typing import Dict, Iterator, List, Optional, Set, Tuple, Union
 
 from .errors import DiscoveryError
-from .models import KATAPULT_USB_ID, KLIPPER_USB_ID, MODE_KATAPULT, MODE_KLIPPER, Board
+from .canbus import Interface, is_up
+from .models import BRIDGE_USB_ID, KATAPULT_USB_ID, KLIPPER_USB_ID, MODE_BRIDGE, MODE_KATAPULT, MODE_KLIPPER, Board
+
+_SUBSYSTEMS = ("tty", "usb", "net")
+_ARPHRD_CAN = "280"  # /sys/class/net/<if>/type of a CAN interface (linux/if_arp.h)
 
 # by-id names of both modes carry the serial; see docs/katapult-protocol.md, "USB identity".
 _BY_ID_RE = re.compile(r"usb-(?:katapult|Klipper)_(?P<mcu>.+)_(?P<serial>[^_]+)-if\d+")
@@ -73,6 +81,62 @@ def board_from_device(device) -> Optional[Board]:
     )
 
 
+def bridge_from_device(device) -> Optional[Board]:
+    """Classify one pyudev usb_device; a Board for a Klipper USB-to-CAN bridge, else None.
+
+    Its interface is the `net` child (can0) once the kernel has made it; until then the
+    bridge is listed without one (the net device's own uevent brings it).
+    """
+    if device.device_type != "usb_device":
+        return None
+    if (_attr(device, "idVendor") or "", _attr(device, "idProduct") or "") != BRIDGE_USB_ID:
+        return None
+    serial = _attr(device, "serial") or device.properties.get("ID_SERIAL_SHORT")
+    if not serial:
+        return None
+    interface = None
+    for child in device.children:
+        if child.subsystem == "net":
+            interface = child.sys_name
+            break
+    return Board(
+        serial=serial,
+        mode=MODE_BRIDGE,
+        mcu=_attr(device, "product") or device.properties.get("ID_MODEL") or "",
+        device_node=interface or "",
+        sys_path=device.sys_path,
+        port_path=device.sys_name,
+        interface=interface,
+    )
+
+
+def interface_from_device(device) -> Optional[Interface]:
+    """A CAN `net` device -> Interface (with the bridge it belongs to, if it is one's)."""
+    if device.subsystem != "net":
+        return None
+    usb = device.find_parent("usb", "usb_device")
+    bridge = bridge_from_device(usb) if usb is not None else None
+    if _attr(device, "type") != _ARPHRD_CAN and bridge is None:
+        return None
+    operstate = _attr(device, "operstate") or ""
+    return Interface(
+        name=device.sys_name,
+        present=True,
+        up=is_up(_attr(device, "flags"), operstate),
+        operstate=operstate,
+        sys_path=device.sys_path,
+        bridge_serial=bridge.serial if bridge is not None else None,
+    )
+
+
+def _classify(device) -> Optional[Board]:
+    if device.subsystem == "tty":
+        return board_from_device(device)
+    if device.subsystem == "usb":
+        return bridge_from_device(device)
+    return None
+
+
 def _attr(device, name: str) -> Optional[str]:
     try:
         return device.attributes.asstring(name)
@@ -93,11 +157,13 @@ class BoardMonitor:
         self._pyudev = pyudev
         self._context = pyudev.Context()
         self._monitor = pyudev.Monitor.from_netlink(self._context)
-        self._monitor.filter_by("tty")
+        for subsystem in _SUBSYSTEMS:
+            self._monitor.filter_by(subsystem)
         self.boards: Dict[str, Board] = {}
         # Serials seen on two USB ports at once (boards built without the chip id all say
         # 12345): a chip id is unique, so such a serial names no board by itself, ever.
         self.shared_serials: Set[str] = set()
+        self.interfaces: Dict[str, Interface] = {}  # CAN interfaces by name
         # Counters for `kflashctl status --json` and the benchmark: a uevent burst must
         # show every event seen (or an overflow that forced a re-read), never a silent loss.
         self.stats: Dict[str, int] = {"uevents": 0, "board_events": 0, "overflows": 0}
@@ -108,12 +174,45 @@ class BoardMonitor:
             self._monitor.start()
         except OSError as e:
             raise DiscoveryError(f"cannot listen to udev: {e.strerror}") from None
-        for device in self._context.list_devices(subsystem="tty"):
-            board = board_from_device(device)
-            if board is not None:
-                self.boards[board.sys_path] = board
-                self._note_ports(board.serial)
+        self._read_all()
         return list(self.boards.values())
+
+    def _read_all(self) -> None:
+        self.boards, self.interfaces = {}, {}
+        for subsystem in _SUBSYSTEMS:
+            for device in self._context.list_devices(subsystem=subsystem):
+                self._take(device)
+
+    def _take(self, device) -> Optional[Board]:
+        """Record what `device` is (a board, a bridge, a CAN interface); the board if one."""
+        if device.subsystem == "net":
+            interface = interface_from_device(device)
+            if interface is not None:
+                self.interfaces[interface.name] = interface
+                return self._bridge_of(device)
+            return None
+        board = _classify(device)
+        if board is not None:
+            self.boards[board.sys_path] = board
+            self._note_ports(board.serial)
+        return board
+
+    def _bridge_of(self, net_device) -> Optional[Board]:
+        """A net device came or changed: its bridge's record, refreshed (it names the interface)."""
+        usb = net_device.find_parent("usb", "usb_device")
+        if usb is None or usb.sys_path not in self.boards:
+            return None
+        board = bridge_from_device(usb)
+        if board is not None:
+            self.boards[board.sys_path] = board
+        return board
+
+    def interface(self, name: str) -> Interface:
+        """The interface as last seen by udev (missing if never seen or gone)."""
+        return self.interfaces.get(name) or Interface(name, False)
+
+    def bridges(self) -> List[Board]:
+        return [b for b in self.boards.values() if b.mode == MODE_BRIDGE]
 
     def fileno(self) -> int:
         return self._monitor.fileno()
@@ -136,13 +235,16 @@ class BoardMonitor:
                 return
             self.stats["uevents"] += 1
             action = device.action
+            if device.subsystem == "net":
+                yield from self._net_event(device, action)
+                continue
             if action == "remove":
                 board = self.boards.pop(device.sys_path, None)
                 if board is not None:
                     self.stats["board_events"] += 1
                     yield "remove", board
             elif action in ("add", "change", "bind", "move"):
-                board = board_from_device(device)
+                board = _classify(device)
                 if board is not None:
                     known = self.boards.get(board.sys_path)
                     self.boards[board.sys_path] = board
@@ -151,14 +253,35 @@ class BoardMonitor:
                         self.stats["board_events"] += 1
                         yield "add", board
 
+    def _net_event(self, device, action: str) -> Iterator[Tuple[str, Board]]:
+        """A CAN interface came, went or changed (up/down): yields ("net", bridge) for the
+        bridge that carries it, so the daemon reschedules; the interface table is updated."""
+        known = next((i for i in self.interfaces.values() if i.sys_path == device.sys_path), None)
+        if action == "remove":
+            if known is None:
+                return
+            del self.interfaces[known.name]
+            self.stats["board_events"] += 1
+            for sys_path, board in list(self.boards.items()):
+                if board.interface == known.name and board.mode == MODE_BRIDGE:
+                    self.boards[sys_path] = dataclasses.replace(board, interface=None, device_node="")
+                    yield "net", self.boards[sys_path]
+                    return
+            yield "net", Board(serial="", mode="net", mcu="", device_node=known.name,
+                               sys_path=device.sys_path, interface=known.name)
+            return
+        before = known
+        bridge = self._take(device)
+        after = next((i for i in self.interfaces.values() if i.sys_path == device.sys_path), None)
+        if after is None or after == before:
+            return
+        self.stats["board_events"] += 1
+        yield "net", bridge or Board(serial="", mode="net", mcu="", device_node=after.name,
+                                     sys_path=device.sys_path, interface=after.name)
+
     def _resync(self) -> Iterator[Tuple[str, Board]]:
         old = self.boards
-        self.boards = {}
-        for device in self._context.list_devices(subsystem="tty"):
-            board = board_from_device(device)
-            if board is not None:
-                self.boards[board.sys_path] = board
-                self._note_ports(board.serial)
+        self._read_all()
         for sys_path, board in old.items():
             if sys_path not in self.boards:
                 yield "remove", board
@@ -174,7 +297,9 @@ class BoardMonitor:
         """Whether this serial was seen on more than one board (at once) since start-up."""
         return serial in self.shared_serials
 
-    def find(self, serial: str, mode: Optional[str] = None) -> List[Board]:
+    def find(self, serial: str, mode: Union[None, str, Tuple[str, ...]] = None) -> List[Board]:
+        """Boards with this serial, in `mode` (one mode, or any of a tuple of modes)."""
+        modes = (mode,) if isinstance(mode, str) else mode
         return [
-            b for b in self.boards.values() if b.serial == serial and (mode is None or b.mode == mode)
+            b for b in self.boards.values() if b.serial == serial and (modes is None or b.mode in modes)
         ]

@@ -214,8 +214,12 @@ def _katapult(
     progress: Optional[ProgressCallback],
     abort: Optional[threading.Event],
     log: logging.Logger,
+    target: Optional[List[str]] = None,
 ) -> "tuple[bool, str, bool]":
-    """Run flashtool.py; returns (success, one-line error, aborted)."""
+    """Run flashtool.py; returns (success, one-line error, aborted).
+
+    `target` replaces `-d DEVICE` (a CAN node: `-i IFACE -u UUID`, see canbus.target_args).
+    """
     tool = os.path.join(os.path.expanduser(katapult_dir), "scripts", "flashtool.py")
     if not os.path.isfile(tool):
         return False, f"flashtool.py not found at {tool} (check katapult.dir)", False
@@ -226,8 +230,8 @@ def _katapult(
     try:
         image = os.path.join(private, "klipper.bin")
         shutil.copyfile(firmware_path, image)
-        argv: List[str] = [python, tool, "-d", device_path, "-f", image]
-        if baud:
+        argv: List[str] = [python, tool, *(target or ["-d", device_path]), "-f", image]
+        if baud and not target:
             argv += ["-b", str(baud)]
         parser = ProgressParser(progress, os.path.getsize(image))
 
@@ -365,6 +369,7 @@ def flash_device(
     abort: Optional[threading.Event] = None,
     log: Optional[logging.Logger] = None,
     device_present: Optional[Callable[[], bool]] = None,
+    target: Optional[List[str]] = None,
 ) -> FlashResult:
     """Flash `firmware_path` onto `device_path`: Katapult first, then `make flash`.
 
@@ -389,7 +394,7 @@ def flash_device(
             f"(unplugged or reset?); nothing was written"))
 
     ok, katapult_error, aborted = _katapult(
-        device_path, firmware_path, katapult_dir, timeout, baud, progress, abort, log
+        device_path, firmware_path, katapult_dir, timeout, baud, progress, abort, log, target
     )
     if ok:
         log.info(f"flashed {device_path} via katapult in {elapsed():.1f} s")
@@ -398,6 +403,10 @@ def flash_device(
         return FlashResult(False, METHOD_KATAPULT, elapsed(), katapult_error)
 
     log.warning(f"Katapult failed: {katapult_error}")
+    if target is not None:
+        # `make flash` reaches a board by its serial device only; a CAN node has none.
+        return FlashResult(False, METHOD_KATAPULT, elapsed(),
+                           f"Katapult: {katapult_error}; make flash cannot reach a CAN node")
     if device_present is not None and not device_present():
         refusal: Optional[str] = (
             f"make flash not tried: the board is no longer connected at {device_path} "

@@ -14,9 +14,15 @@ from typing import Any, Dict, List, Optional
 #: USB ids (vendor, product) of the two modes a board can be in.
 KATAPULT_USB_ID = ("1d50", "6177")
 KLIPPER_USB_ID = ("1d50", "614e")
+#: Klipper running as a USB-to-CAN bridge (gs_usb): a `net` interface (can0), no tty.
+BRIDGE_USB_ID = ("1d50", "606f")
 
 MODE_KATAPULT = "katapult"
 MODE_KLIPPER = "klipper"
+MODE_BRIDGE = "can_bridge"  # Klipper as a USB-to-CAN bridge (1d50:606f)
+MODE_CAN_NODE = "can_node"  # a CAN toolhead board: no USB identity, named by its UUID
+#: The modes in which a board runs Klipper (what "back in Klipper mode" accepts).
+KLIPPER_MODES = (MODE_KLIPPER, MODE_BRIDGE)
 
 METHOD_KATAPULT = "katapult"
 METHOD_MAKE_FLASH = "make_flash"
@@ -52,6 +58,9 @@ class Board:
     node and the by-id link change when the board switches between Klipper and Katapult.
     `port_path` (the USB port, e.g. "1-1.2") breaks ties between boards that share a serial
     (boards built without CHIPID all report "12345").
+    A USB-to-CAN bridge (MODE_BRIDGE) has no tty: `device_node` is its interface's name
+    (can0) and `interface` says the same; a CAN toolhead (MODE_CAN_NODE) is never in the
+    udev table: the daemon makes its record from the config (serial = its canbus_uuid).
     """
 
     serial: str
@@ -62,6 +71,7 @@ class Board:
     by_id: Optional[str] = None  # /dev/serial/by-id/usb-katapult_stm32f446xx_<sn>-if00
     by_path: Optional[str] = None
     port_path: Optional[str] = None
+    interface: Optional[str] = None  # CAN: a bridge's net interface / a node's bus
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

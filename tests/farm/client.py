@@ -46,6 +46,7 @@ class BoardFarm:
         self.root_dir: str = ready["root_dir"]
         self.ld_preload: str = ready["ld_preload"]
         self.umockdev_version: str = ready.get("umockdev_version", "")
+        self.canbus: str = ready.get("canbus", "")
         self._lock = threading.Lock()
         self._next_id = 1
         self._buf = b""
@@ -117,7 +118,7 @@ class BoardFarm:
     @property
     def env(self) -> Dict[str, str]:
         """Merge into a child's environment so it sees the emulated boards."""
-        return {"LD_PRELOAD": self.ld_preload, "UMOCKDEV_DIR": self.root_dir}
+        return {"LD_PRELOAD": self.ld_preload, "UMOCKDEV_DIR": self.root_dir, "KFLASHD_FARM_CANBUS": self.canbus}
 
     def log_text(self) -> str:
         try:
@@ -216,6 +217,30 @@ class BoardFarm:
     def set_fault(self, serial: str, fault: Optional[str], **params: Any) -> Dict[str, Any]:
         """Switch a fault on (``silent``, ``corrupt_crc``, ``drop``, ``slow``, ``refuse_boot``) or off (None)."""
         return self.request("set_fault", serial=serial, fault=fault, params=params)
+
+    # -- CAN ------------------------------------------------------------------------------
+    def add_bridge(self, serial: str, interface: str = "can0", **options: Any) -> Dict[str, Any]:
+        """A mainboard whose Klipper is a USB-to-CAN bridge (606f with a net child ``interface``)."""
+        options.setdefault("mode", "klipper")
+        return self.add_board(serial, can_interface=interface, **options)
+
+    def set_link(self, interface: str, up: bool) -> Dict[str, Any]:
+        """``ip link set IFACE up|down`` (sysfs operstate/flags and a "change" uevent)."""
+        return self.request("set_link", iface=interface, up=up)
+
+    def add_can_node(self, uuid: str, mcu: str = "stm32g0b1xx", interface: str = "can0", mode: str = "klipper",
+                     old_image: Optional[bytes] = None, **extra: Any) -> Dict[str, Any]:
+        """A CAN toolhead board, reachable only over ``interface``."""
+        args: Dict[str, Any] = dict(uuid=uuid, mcu=mcu, interface=interface, mode=mode, **extra)
+        if old_image is not None:
+            args["old_image"] = base64.b64encode(old_image).decode()
+        return self.request("add_can_node", **args)
+
+    def can_node(self, uuid: str) -> Dict[str, Any]:
+        return self.request("can_node", uuid=uuid)
+
+    def can_flashed_image(self, uuid: str, length: int) -> bytes:
+        return base64.b64decode(self.request("can_flashed_image", uuid=uuid, length=length))
 
     def wait_until(self, predicate: Callable[[], T], timeout: float = 10.0, message: str = "condition") -> T:
         try:

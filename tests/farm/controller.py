@@ -36,6 +36,7 @@ import gi
 gi.require_version("UMockdev", "1.0")
 from gi.repository import UMockdev  # noqa: E402
 
+from tests.farm.canbus import CanBusServer, CanNode  # noqa: E402
 from tests.farm.images import find_dict  # noqa: E402
 from tests.farm.katapult import Fault, Flash, KatapultEmulator  # noqa: E402
 from tests.farm.klipper_app import KlipperAppEmulator  # noqa: E402
@@ -46,6 +47,12 @@ USB_IDENTITY = {
     "klipper": {"vid": "1d50", "pid": "614e", "manufacturer": "Klipper"},
 }
 MODES = tuple(USB_IDENTITY)
+# Klipper as a USB-to-CAN bridge (gs_usb): no tty, a `net` child (reference "USB identity").
+BRIDGE_IDENTITY = {"vid": "1d50", "pid": "606f", "manufacturer": "Klipper"}
+ARPHRD_CAN = 280
+# A bridge's USB re-enumeration after the CAN reboot request takes this long (flashtool
+# polls every 0.5 s for up to 4 s).
+BRIDGE_REBOOT_DELAY = 0.6
 TTY_ACM_MAJOR = 166
 # A plausible host controller for ID_PATH / by-path (the fake sysfs has no PCI parent).
 PATH_PREFIX = "pci-0000:00:14.0"
@@ -53,6 +60,14 @@ PATH_PREFIX = "pci-0000:00:14.0"
 
 def log(message: str) -> None:
     print(f"farm-controller: {message}", file=sys.stderr, flush=True)
+
+
+def bridge_uuid(serial: str) -> str:
+    """The canbus UUID of a bridge with this USB serial (kflashd's derivation, checked
+    against Katapult's known pairs in the tests)."""
+    from kflashd.canbus import uuid_from_serial
+
+    return uuid_from_serial(serial) or ""
 
 
 def umockdev_version() -> Tuple[int, ...]:
@@ -102,6 +117,17 @@ class Board:
         self.last_complete: Optional[float] = None
         self.last_eof_pages: Optional[int] = None
         self.history: List[str] = []
+        self.can_interface: Optional[str] = None  # a USB-to-CAN bridge: its net interface
+        self.ifindex = 0
+
+    @property
+    def is_bridge_app(self) -> bool:
+        """Klipper mode of a bridge: USB 606f with a net child, no tty."""
+        return self.can_interface is not None and self.mode == "klipper"
+
+    @property
+    def net_syspath(self) -> str:
+        return f"{self.iface_syspath}/net/{self.can_interface}"
 
     @property
     def usb_syspath(self) -> str:
@@ -147,7 +173,7 @@ class Board:
         last_complete = session.get("last_complete") or self.last_complete
         return {
             "serial": self.serial, "name": self.name, "mcu": self.mcu, "mode": self.mode, "present": self.present,
-            "device_node": f"/dev/{self.tty_name}" if self.present else None,
+            "device_node": f"/dev/{self.tty_name}" if self.present and self.tty_name else None,
             "sys_path": self.tty_syspath if self.present else None,
             "usb_sys_path": self.usb_syspath, "by_id": self.by_id if self.present else None,
             "by_path": self.by_path if self.present else None, "id_serial": self.id_serial,
@@ -162,6 +188,7 @@ class Board:
             "image_version": self.image_version(),
             "fault": self.fault.as_dict(), "session": session, "history": list(self.history),
             "device_error": repr(self.device.error) if self.device is not None and self.device.error else None,
+            "can_interface": self.can_interface,
         }
 
 
@@ -178,6 +205,9 @@ class Controller:
         self.next_devnum = 2  # 1 is the root hub
         self.events: "queue.Queue[Tuple[str, str, Any]]" = queue.Queue()
         self.timers: List[Tuple[float, Callable[[], None]]] = []
+        self.links: Dict[str, bool] = {}  # CAN interface -> administratively up
+        self.canbus = CanBusServer(os.path.join(self.root_dir, "canbus.sock"), self.bus_state,
+                                   self.bridge_jump, self.bridge_version, self.post)
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
@@ -242,6 +272,9 @@ class Controller:
         if b.present:
             raise RequestError(f"board {b.serial} is already plugged in")
         b.mode = mode
+        if b.is_bridge_app:
+            self._enumerate_bridge(b)
+            return
         b.tty_name = f"ttyACM{self.next_tty}"
         self.next_tty += 1
         b.devnum = self.next_devnum
@@ -274,10 +307,128 @@ class Controller:
         b.history.append(f"{mode}:{b.tty_name}")
         log(f"{b.serial}: plugged in as {mode} on /dev/{b.tty_name} ({b.by_id})")
 
+    def _bridge_text(self, b: Board) -> str:
+        vid, pid, mfr = BRIDGE_IDENTITY["vid"], BRIDGE_IDENTITY["pid"], BRIDGE_IDENTITY["manufacturer"]
+        up = self.links.get(b.can_interface or "", True)
+        usb_path = f"{PATH_PREFIX}-usb-0:1.{b.port}"
+        usb = [
+            f"P: {b.usb_syspath[len('/sys'):]}", "E: SUBSYSTEM=usb", "E: DEVTYPE=usb_device", "E: DRIVER=usb",
+            f"E: PRODUCT={vid}/{pid}/100", f"E: BUSNUM={b.busnum:03d}", f"E: DEVNUM={b.devnum:03d}",
+            f"E: ID_VENDOR={mfr}", f"E: ID_VENDOR_ID={vid}", f"E: ID_MODEL={b.mcu}", f"E: ID_MODEL_ID={pid}",
+            f"E: ID_SERIAL={mfr}_{b.mcu}_{b.serial}", f"E: ID_SERIAL_SHORT={b.serial}", f"E: ID_PATH={usb_path}",
+            f"A: idVendor={vid}", f"A: idProduct={pid}", f"A: manufacturer={mfr}", f"A: product={b.mcu}",
+            f"A: serial={b.serial}", f"A: busnum={b.busnum}", f"A: devnum={b.devnum}",
+            "A: bcdDevice=0100", "A: bDeviceClass=00", "A: bNumInterfaces= 1", "A: speed=12",
+        ]
+        iface = [
+            f"P: {b.iface_syspath[len('/sys'):]}", "E: SUBSYSTEM=usb", "E: DEVTYPE=usb_interface",
+            "E: DRIVER=gs_usb", f"E: PRODUCT={vid}/{pid}/100", "E: INTERFACE=255/255/255",
+            "A: bInterfaceNumber=00", "A: bInterfaceClass=ff",
+        ]
+        net = [
+            f"P: {b.net_syspath[len('/sys'):]}", "E: SUBSYSTEM=net", f"E: INTERFACE={b.can_interface}",
+            f"E: IFINDEX={b.ifindex}", f"E: ID_PATH={b.id_path}", f"A: type={ARPHRD_CAN}",
+            f"A: ifindex={b.ifindex}", f"A: operstate={'up' if up else 'down'}",
+            f"A: flags={'0x40081' if up else '0x80'}", "A: mtu=16",
+        ]
+        return "\n\n".join("\n".join(block) for block in (usb, iface, net)) + "\n"
+
+    def _enumerate_bridge(self, b: Board) -> None:
+        """A bridge running Klipper appears: USB 606f, a gs_usb interface, its net child."""
+        b.tty_name = None
+        b.devnum = self.next_devnum
+        self.next_devnum += 1
+        b.ifindex = 3 + b.devnum
+        self.testbed.add_from_string(self._bridge_text(b))
+        b.device = None
+        b.running_version = b.image_version() or b.fallback_version
+        b.present = True
+        b.enumerations += 1
+        b.history.append(f"bridge:{b.can_interface}")
+        log(f"{b.serial}: plugged in as a USB-to-CAN bridge (606f) with {b.can_interface}")
+
+    def _disconnect_bridge(self, b: Board) -> None:
+        for path in (b.net_syspath, b.iface_syspath, b.usb_syspath):
+            if self.send_remove_uevents:
+                self.testbed.uevent(path, "remove")
+            self.testbed.remove_device(path)
+        b.present = False
+        log(f"{b.serial}: unplugged (USB-to-CAN bridge, {b.can_interface} gone)")
+
+    # -- CAN buses ----------------------------------------------------------------------
+    def bus_state(self, iface: str) -> str:
+        """"up", "down" or "missing": a bus exists while its bridge runs Klipper."""
+        bridge = next((b for b in self.boards.values() if b.can_interface == iface and b.present
+                       and b.is_bridge_app), None)
+        if bridge is None:
+            return "missing"
+        return "up" if self.links.get(iface, True) else "down"
+
+    def bridge_jump(self, iface: str, uuid: str) -> bool:
+        """The CAN reboot request reached a bridge whose UUID it names: back as Katapult USB."""
+        for b in self.boards.values():
+            if b.can_interface == iface and b.present and b.is_bridge_app and bridge_uuid(b.serial) == uuid:
+                b.bootloader_requests += 1
+                log(f"{b.serial}: CAN reboot request -> re-enumerating as Katapult")
+                self._disconnect_bridge(b)
+                self.timers.append((time.monotonic() + BRIDGE_REBOOT_DELAY, lambda b=b: self.enumerate(b, "katapult")))
+                return True
+        return False
+
+    def bridge_version(self, iface: str, uuid: str) -> Optional[str]:
+        """What the bridge whose UUID this is runs, when it runs Klipper on ``iface``."""
+        for b in self.boards.values():
+            if b.can_interface == iface and b.present and b.is_bridge_app and bridge_uuid(b.serial) == uuid:
+                return b.running_version
+        return None
+
+    def op_set_link(self, iface: str, up: bool) -> Dict[str, Any]:
+        """`ip link set IFACE up/down`: the attributes change and a "change" uevent is sent."""
+        self.links[iface] = bool(up)
+        for b in self.boards.values():
+            if b.can_interface == iface and b.present and b.is_bridge_app:
+                self.testbed.set_attribute(b.net_syspath, "operstate", "up" if up else "down")
+                self.testbed.set_attribute(b.net_syspath, "flags", "0x40081" if up else "0x80")
+                self.testbed.uevent(b.net_syspath, "change")
+        return {"iface": iface, "state": self.bus_state(iface)}
+
+    def op_add_can_node(self, uuid: str, mcu: str = "stm32g0b1xx", interface: str = "can0",
+                        mode: str = "klipper", app_start: int = 0x8002000, version: str = "v0.12.0-farm",
+                        bootloader_version: str = "v0.0.1-110-gb0bf421", flash_base: int = 0x8000000,
+                        flash_size: int = 128 * 1024, page_size: int = 2048,
+                        old_image: Optional[str] = None) -> Dict[str, Any]:
+        uuid = str(uuid).lower()
+        if not re.fullmatch(r"[0-9a-f]{12}", uuid):
+            raise RequestError(f"bad uuid {uuid!r}: 12 hex digits")
+        if mode not in MODES:
+            raise RequestError(f"bad mode {mode!r}: one of {', '.join(MODES)}")
+        node = CanNode(uuid, mcu, interface, mode, int(app_start), version, bootloader_version,
+                       int(flash_base), int(flash_size), int(page_size))
+        if old_image is not None:
+            node.flash.load(node.app_start, base64.b64decode(old_image))
+        self.canbus.add_node(node)
+        return node.info()
+
+    def can_node(self, uuid: Any) -> CanNode:
+        node = self.canbus.node(str(uuid).lower())
+        if node is None:
+            raise RequestError(f"no CAN node {uuid!r}")
+        return node
+
+    def op_can_node(self, uuid: str) -> Dict[str, Any]:
+        return self.can_node(uuid).info()
+
+    def op_can_flashed_image(self, uuid: str, length: int) -> str:
+        node = self.can_node(uuid)
+        return base64.b64encode(node.flash.read(node.app_start, int(length))).decode()
+
     def disconnect(self, b: Board) -> None:
         """The board leaves USB: the line hangs up, remove uevents (tty first), links go."""
         if not b.present:
             raise RequestError(f"board {b.serial} is not plugged in")
+        if b.is_bridge_app:
+            self._disconnect_bridge(b)
+            return
         device = b.device
         device.stop()
         if isinstance(device, KatapultEmulator):
@@ -318,6 +469,9 @@ class Controller:
 
     # -- device events ------------------------------------------------------------------
     def handle_event(self, kind: str, serial: str, device: Any) -> None:
+        if kind == "can_boot":
+            self.canbus.on_boot(serial, device)
+            return
         b = self.boards.get(serial)
         if b is None or b.device is not device or not b.present:
             return  # stale: the board was unplugged or re-enumerated meanwhile
@@ -334,6 +488,8 @@ class Controller:
             b.bootloader_requests += 1
             log(f"{serial}: 1200 baud -> rebooting into Katapult")
             self.reenumerate(b, "katapult")
+        elif kind == "can_boot":
+            self.canbus.on_boot(serial, device)
         elif kind == "vanish":
             log(f"{serial}: refuse_boot(vanish): gone from USB")
             self.disconnect(b)
@@ -347,7 +503,7 @@ class Controller:
                      bootloader_version: str = "v0.0.1-110-gb0bf421", flash_base: int = 0x8000000,
                      flash_size: int = 512 * 1024, old_image: Optional[str] = None,
                      reconnect_delay: float = 0.0, plugged: bool = True,
-                     name: Optional[str] = None) -> Dict[str, Any]:
+                     name: Optional[str] = None, can_interface: Optional[str] = None) -> Dict[str, Any]:
         if not isinstance(serial, str) or not re.fullmatch(r"[0-9A-Za-z]{1,64}", serial):
             raise RequestError(f"bad serial {serial!r}: 1-64 letters/digits, as a USB serial number")
         key = name or serial
@@ -366,6 +522,7 @@ class Controller:
             raise RequestError(str(exc)) from exc
         if old_image is not None:
             b.flash.load(b.app_start, base64.b64decode(old_image))
+        b.can_interface = can_interface
         self.next_port += 1
         self.boards[key] = b
         if plugged:
@@ -459,6 +616,7 @@ class Controller:
         out.write(json.dumps({
             "event": "ready", "root_dir": self.root_dir, "ld_preload": os.environ.get("LD_PRELOAD", ""),
             "pid": os.getpid(), "umockdev_version": ".".join(map(str, self.version)),
+            "canbus": self.canbus.path,
         }) + "\n")
         out.flush()
         stdin_fd = sys.stdin.fileno()
@@ -473,7 +631,12 @@ class Controller:
                 except Exception:  # noqa: BLE001
                     log(traceback.format_exc())
             timeout = max(0.0, min(t[0] for t in self.timers) - now) if self.timers else None
-            readable, _, _ = select.select([stdin_fd, self.wake_r], [], [], timeout)
+            readable, _, _ = select.select([stdin_fd, self.wake_r, self.canbus.fileno()], [], [], timeout)
+            if self.canbus.fileno() in readable:
+                try:
+                    self.canbus.accept()
+                except Exception:  # noqa: BLE001
+                    log(traceback.format_exc())
             if self.wake_r in readable:
                 try:
                     os.read(self.wake_r, 4096)
@@ -508,6 +671,7 @@ class Controller:
         return True
 
     def close(self) -> None:
+        self.canbus.close()
         for b in self.boards.values():
             if b.device is not None:
                 try:

@@ -205,7 +205,11 @@ class FakeKlipper:
                 spec = {"serial": str(spec)}
             serial, path = spec.get("serial"), spec.get("path")
             if spec.get("canbus_uuid"):
-                section: Dict[str, Any] = {"canbus_uuid": spec["canbus_uuid"], "canbus_interface": "can0"}
+                iface = spec.get("canbus_interface", "can0")
+                section: Dict[str, Any] = {"canbus_uuid": spec["canbus_uuid"], "canbus_interface": iface}
+                mcus.append({"name": str(name), "section": section,
+                             "port": self.can_port(iface, str(spec["canbus_uuid"]))})
+                continue
             else:
                 section = {"serial": path or self.klipper_by_id(str(serial)), "baud": 250000,
                            "restart_method": "command"}
@@ -215,6 +219,32 @@ class FakeKlipper:
                 port = next((p for p in running if path in p.links or path == p.node), None)
             mcus.append({"name": str(name), "section": section, "port": port})
         return mcus
+
+    def can_port(self, iface: str, uuid: str) -> Optional[HeldPort]:
+        """A CAN MCU (a toolhead, or the bridge itself) as Klipper sees it: asked over the
+        farm's bus (tests/farm/canbus.py) which firmware it runs; None if it does not answer."""
+        path = os.environ.get("KFLASHD_FARM_CANBUS")
+        if not path:
+            return None
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                conn.settimeout(2.0)
+                conn.connect(path)
+                conn.sendall(json.dumps({"op": "identify", "iface": iface, "uuid": uuid}).encode() + b"\n")
+                data = b""
+                while not data.endswith(b"\n"):
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+            reply = json.loads(data or b"{}")
+        except (OSError, ValueError):
+            return None
+        if not reply.get("ok"):
+            return None
+        port = HeldPort(f"{iface}:{uuid}", -1, "klipper", uuid)
+        port.version = str(reply.get("version"))
+        return port
 
     def objects(self, state: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
         mcus = self.configured_mcus(state)

@@ -35,6 +35,7 @@ CMD_SEND_BLOCK = 0x12
 CMD_SEND_EOF = 0x13
 CMD_REQUEST_BLOCK = 0x14
 CMD_COMPLETE = 0x15
+CMD_GET_CANBUS_ID = 0x16  # CAN builds only: answers the node's 6-byte UUID
 RESPONSE_ACK = 0xA0
 RESPONSE_NACK = 0xF1
 RESPONSE_COMMAND_ERROR = 0xF2
@@ -194,8 +195,9 @@ class KatapultEmulator(PtyDevice):
                  version: str = "v0.0.1-110-gb0bf421", name: str = "katapult",
                  on_boot: Optional[Callable[["KatapultEmulator"], None]] = None,
                  on_vanish: Optional[Callable[["KatapultEmulator"], None]] = None,
-                 fault: Optional[Fault] = None) -> None:
+                 fault: Optional[Fault] = None, canbus_uuid: Optional[bytes] = None) -> None:
         super().__init__(fd, name)
+        self.canbus_uuid = canbus_uuid  # a CAN build (a node on the farm's CAN bus)
         self.flash = flash
         self.mcu = mcu
         self.app_start = app_start
@@ -334,6 +336,8 @@ class KatapultEmulator(PtyDevice):
                     self.dropped = True  # hangs in a dead application: no answers, no USB change
             else:
                 self.call_later(BOOT_DELAY_SECONDS, self._boot)
+        elif cmd == CMD_GET_CANBUS_ID and self.canbus_uuid is not None:
+            self._ack(cmd, self.canbus_uuid + b"\x00" * (-len(self.canbus_uuid) % 4))
         else:
             # Unknown command (also the 0x90 "prime" and GET_CANBUS_ID on USB builds).
             self._command_error()

@@ -36,6 +36,17 @@ Behaviour keys (all optional):
   drain              seconds spent reading stale bytes after a failed try (real: 0.25)
   exit, stdout, stderr  scripted shortcut: print these and exit with "exit", no flash
 Every call is appended to $KFLASHD_STANDIN_DIR/calls.jsonl (prog "flashtool").
+
+CAN (no -d; -i IFACE, -u UUID, -r, -s, -q), with the real tool's output lines: there is no
+SocketCAN here, so "the bus" is the board farm's ($KFLASHD_FARM_CANBUS, see
+tests/farm/canbus.py): binding fails ("Unable to bind socket to can0") when
+/sys/class/net/IFACE does not exist; the admin messages (bootloader jump, node query) and
+a node's Katapult session go through the farm's socket. A USB-to-CAN bridge is found as the
+real tool finds it (a 1d50:606f USB device, manufacturer "klipper", with IFACE under it,
+whose serial hashes to -u), then it waits for the same USB port to come back and, with
+-f, flashes it over the new tty as above. Deviations: a down interface fails the first
+command at once (the real tool's sends fail and its commands time out: ~14 s); sleeps are
+the real tool's (1 s after a jump, 0.5 s settle, 2 s of query answers).
 """
 
 import argparse
@@ -46,6 +57,7 @@ import logging
 import os
 import signal
 import select
+import socket
 import struct
 import sys
 import termios
@@ -61,6 +73,7 @@ CMD = {
     "SEND_EOF": 0x13,
     "REQUEST_BLOCK": 0x14,
     "COMPLETE": 0x15,
+    "GET_CANBUS_ID": 0x16,
 }
 ACK, NACK, CMD_ERROR, BUSY = 0xA0, 0xF1, 0xF2, 0xF3
 HEADER, TRAILER = b"\x01\x88", b"\x99\x03"
@@ -667,6 +680,233 @@ def flash(args):
         link.close()
 
 
+# ---------------------------------------------------------------- CAN
+
+
+GS_CAN_USB_ID = "1d50:606f"
+MASK64 = (1 << 64) - 1
+
+
+def _fh_mix(v):
+    v ^= v >> 23
+    v = (v * 0x2127599BF4325C37) & MASK64
+    return v ^ (v >> 47)
+
+
+def serial_to_uuid(serial):
+    """fasthash64(chip id, seed 0xA16231A7), low 6 bytes most significant last (reference).
+
+    Like the real tool it prints the hash's tail bytes (a leftover debug print in its
+    fasthash64: `b'...'` on stdout whenever the chip id is not a multiple of 8 bytes)."""
+    data = bytes.fromhex(serial)
+    m = 0x880355F21E6D1965
+    h = 0xA16231A7 ^ ((len(data) * m) & MASK64)
+    n = len(data) // 8 * 8
+    for i in range(0, n, 8):
+        h = ((h ^ _fh_mix(struct.unpack("<Q", data[i:i + 8])[0])) * m) & MASK64
+    if data[n:]:
+        print(data[n:])
+        sys.stdout.flush()
+        h = ((h ^ _fh_mix(int.from_bytes(data[n:], "little"))) * m) & MASK64
+    return _fh_mix(h) & 0xFFFFFFFFFFFF, _fh_mix(h).to_bytes(8, "little")[:6].hex()
+
+
+def sysfs_usb_info(path):
+    def read(name, default=""):
+        try:
+            with open(os.path.join(path, name)) as f:
+                return f.read().strip().lower()
+        except OSError:
+            return default
+    vid, pid = read("idVendor"), read("idProduct")
+    return ("%s:%s" % (vid, pid) if vid and pid else "", read("manufacturer", "unknown"),
+            read("product", "unknown"), read("serial"))
+
+
+def find_bridge(iface, uuid):
+    base = "/sys/bus/usb/devices"
+    if not os.path.isdir(base):
+        return None
+    for name in sorted(os.listdir(base)):
+        item = os.path.join(base, name)
+        if not os.path.isfile(os.path.join(item, "bDeviceClass")):
+            continue
+        usb_id, mfr, _, serial = sysfs_usb_info(item)
+        if usb_id != GS_CAN_USB_ID or mfr != "klipper":
+            continue
+        if not any(os.path.exists(os.path.join(item, sub, "net", iface))
+                   for sub in os.listdir(item) if sub.startswith(name + ":")):
+            continue
+        if serial:
+            try:
+                _, found = serial_to_uuid(serial)
+            except ValueError:
+                output_line("Failed to convert can bridge serial number %s to a uuid for device %s"
+                            % (serial, name))
+                continue
+            if found == uuid:
+                output_line("Canbus Bridge detected at %s" % (item,))
+                return item
+    return None
+
+
+def bus(request, keep=False):
+    """One request to the farm's CAN bus; with keep, also the open connection."""
+    path = os.environ.get("KFLASHD_FARM_CANBUS")
+    if not path:
+        raise FlashError("no CAN bus here (the stand-in needs the board farm's)")
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(path)
+    conn.sendall(json.dumps(request).encode() + b"\n")
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = conn.recv(1)
+        if not chunk:
+            break
+        line += chunk
+    reply = json.loads(line or b"{}")
+    if keep and reply.get("ok"):
+        return reply, conn
+    conn.close()
+    return reply, None
+
+
+class CanLink:
+    """A node's Katapult session over the farm's bus (None: the node does not answer)."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        if conn is not None:
+            conn.setblocking(False)
+
+    def write(self, data, timeout=5.0):
+        if self.conn is not None:
+            self.conn.sendall(data)
+
+    def read(self, timeout):
+        if self.conn is None:
+            time.sleep(max(0.0, timeout))
+            return b""
+        ready, _, _ = select.select([self.conn], [], [], max(0.0, timeout))
+        if not ready:
+            return b""
+        try:
+            return self.conn.recv(4096)
+        except BlockingIOError:
+            return b""
+
+    def close(self):
+        if self.conn is not None:
+            self.conn.close()
+
+
+def wait_bridge_reset(bridge):
+    """Returns the Katapult tty, or None (timed out / not Katapult: bootloader request only)."""
+    output("Waiting for USB Reconnect.")
+    for _ in range(8):
+        time.sleep(0.5)
+        output(".")
+        usb_id, mfr, product, _ = sysfs_usb_info(bridge)
+        if usb_id and usb_id != GS_CAN_USB_ID:
+            time.sleep(0.5)
+            output_line("done")
+            output_line("Detected new USB Device: %s %s %s" % (usb_id, mfr, product))
+            if mfr == "katapult" or usb_id == KATAPULT_USB_ID:
+                name = os.path.basename(bridge)
+                ttys = []
+                for sub in os.listdir(bridge):
+                    tty_dir = os.path.join(bridge, sub, "tty")
+                    if sub.startswith(name + ":") and os.path.isdir(tty_dir):
+                        ttys += sorted(os.listdir(tty_dir))
+                if not ttys:
+                    raise FlashError("Failed to locate serial tty path")
+                path = "/dev/" + ttys[0]
+                if not os.path.exists(path):
+                    raise FlashError("Detected tty path does not exist")
+                output_line("Katapult detected at serial port %s" % (path,))
+                return path, False
+            output_line("Device is not Katapult, exiting...")
+            return None, True
+    output_line("timed out")
+    return None, False
+
+
+def can_main(args):
+    """The CAN side; returns the final line's kind ("query", "request", "status", "flash")."""
+    iface = args.interface
+    kind = "query" if args.query else "request" if args.request_bootloader else (
+        "status" if args.status else "flash")
+    uuid = None
+    bridge = None
+    if kind != "query":
+        if args.uuid is None:
+            raise FlashError("The 'uuid' option must be specified to flash a CAN device")
+        uuid = "%012x" % int(args.uuid, 16)
+        bridge = find_bridge(iface, uuid)
+        output_line("Connecting to CAN UUID %s on interface %s" % (args.uuid, iface))
+    firmware = os.path.abspath(os.path.expanduser(args.firmware))
+    if kind == "flash" and not os.path.isfile(firmware):
+        raise FlashError("Invalid firmware path '%s'" % (firmware,))
+    if not os.path.exists(os.path.join("/sys/class/net", iface)):
+        raise FlashError("Unable to bind socket to %s" % (iface,))
+    if kind in ("flash", "request"):
+        output_line("Sending bootloader jump command...")
+        reply, _ = bus({"op": "jump", "iface": iface, "uuid": uuid})
+        if not reply.get("ok"):
+            logging.info("Socket Write Error, closing")
+        if bridge is not None:
+            tty, not_katapult = wait_bridge_reset(bridge)
+            if kind == "request" or not_katapult:
+                return "request"
+            if tty is None:
+                raise FlashError("Failed to locate serial tty path")
+            args.device = tty
+            flash(args)
+            return "flash"
+        time.sleep(1.0)
+        if kind == "request":
+            return kind
+    output_line("Resetting all bootloader node IDs...")
+    time.sleep(0.5)
+    if kind == "query":
+        output_line("Checking for Katapult nodes...")
+        reply, _ = bus({"op": "query", "iface": iface})
+        time.sleep(2.0)
+        for node_uuid, app in reply.get("nodes", []):
+            output_line("Detected UUID: %s, Application: %s" % (node_uuid, app))
+        return kind
+    reply, conn = bus({"op": "connect", "iface": iface, "uuid": uuid}, keep=True)
+    if reply.get("error") in ("down", "missing"):
+        raise FlashError("Error sending command [CONNECT] to Device")
+    image = b""
+    if os.path.isfile(firmware):
+        with open(firmware, "rb") as f:
+            image = f.read()
+    client = KatapultClient(CanLink(conn), firmware, image, False)
+    client.check_binary()
+    time.sleep(0.5)
+    try:
+        try:
+            client.connect()
+            output_line("Verifying canbus connection")
+            found = client.send_command("GET_CANBUS_ID")[:6]
+            if found.hex() != uuid:
+                raise FlashError("UUID mismatch (%d vs %d)" % (int(uuid, 16), int(found.hex() or "0", 16)))
+            if kind == "flash":
+                client.send_file()
+                client.verify_file()
+        finally:
+            if kind == "flash":
+                client.finish()
+    finally:
+        client.link.close()
+    return kind
+
+
+FINAL_LINES = {"query": "CANBus UUID Query Complete", "request": "Bootloader Request Complete",
+               "status": "Status Request Complete", "flash": "Programming Complete"}
+
+
 def main():
     global BEH
     BEH = load_behaviour()
@@ -688,21 +928,24 @@ def main():
     except OSError:
         fw_sha = None
     record(mode=BEH.get("mode", "protocol"), device=args.device, firmware=args.firmware,
-           firmware_sha256=fw_sha, baud=str(args.baud))
+           firmware_sha256=fw_sha, baud=str(args.baud), interface=args.interface, uuid=args.uuid,
+           query=args.query, request=args.request_bootloader, status=args.status)
     if "exit" in BEH:
         sys.stdout.write(BEH.get("stdout", ""))
         sys.stderr.write(BEH.get("stderr", ""))
         return int(BEH["exit"])
+    kind = "flash"
     try:
         if args.device is None:
-            raise FlashError("The stand-in flashtool supports serial devices (-d) only")
-        if args.status or args.request_bootloader:
-            raise FlashError("The stand-in flashtool supports flashing only (no -s/-r)")
-        flash(args)
+            kind = can_main(args)
+        else:
+            if args.status or args.request_bootloader:
+                raise FlashError("The stand-in flashtool supports flashing only over serial (no -s/-r)")
+            flash(args)
     except Exception:
         logging.exception("Flash Tool Error")
         return 1
-    output_line("Programming Complete")
+    output_line(FINAL_LINES[kind])
     return 0
 
 
