@@ -928,8 +928,8 @@ def main():
     except OSError:
         fw_sha = None
     record(mode=BEH.get("mode", "protocol"), device=args.device, firmware=args.firmware,
-           firmware_sha256=fw_sha, baud=str(args.baud), interface=args.interface, uuid=args.uuid,
-           query=args.query, request=args.request_bootloader, status=args.status)
+           firmware_sha256=fw_sha, baud=str(args.baud), interface=args.interface, uuid=args.uuid, can_query=args.query,
+           can_request=args.request_bootloader, can_status=args.status)
     if "exit" in BEH:
         sys.stdout.write(BEH.get("stdout", ""))
         sys.stderr.write(BEH.get("stderr", ""))
