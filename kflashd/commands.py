@@ -135,8 +135,9 @@ class Commands:
                 "the search for the image's embedded data dictionary stopped at its budget: the "
                 "MCU it was built for is unknown"
             )
-        if board is not None and not force:
-            refusal = image_matches_board(image_mcu, board, self.daemon.config)
+        node = cancycle.node_board(self.daemon.config, target.serial)  # a CAN toolhead: from the config
+        if (board or node) is not None and not force:
+            refusal = image_matches_board(image_mcu, board or node, self.daemon.config)
             if refusal:
                 return error_reply("mismatch", refusal)
         job = Job(
@@ -158,7 +159,6 @@ class Commands:
         if replaced is not None:
             warnings.append(f"replaces job {replaced.id}, which was queued for the same board")
             self.daemon.notify_watchers(replaced, {"event": "end", "job": replaced.to_dict()})
-        node = cancycle.node_board(self.daemon.config, serial)
         if node is not None:
             why = cancycle.bus_refusal(node)
             if not now:
@@ -198,11 +198,6 @@ class Commands:
         warnings: List[str] = []
         port: Optional[str] = None
         named = self.daemon.config.board_by_name(selector)
-        if named is not None and named.serial is None:
-            raise QueueError(
-                f"board {selector!r} is a CAN board (canbus_uuid {named.canbus_uuid}): "
-                f"this kflashd cannot flash CAN boards yet"
-            )
         if named is not None:
             serial, port = named.serial or named.canbus_uuid or "", named.port
         elif selector.startswith("/dev/"):
@@ -227,6 +222,9 @@ class Commands:
                 f"unknown board {selector!r}: give a board name from the config (known: {names}), a "
                 f"USB serial number, or a /dev/serial/by-id/ path (see `kflashctl devices`)"
             )
+        can_node = canbus.can_board(self.daemon.config, serial)
+        if can_node is not None and can_node.canbus_uuid:
+            serial = can_node.canbus_uuid  # a CAN toolhead: its job goes by its UUID
         present = [b for b in monitor.find(serial) if port is None or b.port_path == port]
         if port is None and monitor.serial_is_shared(serial):
             raise QueueError(ambiguous_serial(selector, serial, monitor.find(serial)))

@@ -59,7 +59,7 @@ CAN_PRINTER = """
 serial = "3A0029000851313433383932"
 mcu = "stm32f446xx"
 [boards.ebb]
-canbus_uuid = "0E0D81E4210C"
+canbus_uuid = "0e0d81e4210c"
 mcu = "stm32g0b1xx"
 [boards.sb2209]
 canbus_uuid = "aabbccddeeff"
@@ -77,17 +77,17 @@ def job(serial: str, n: int) -> Job:
 def test_config_can_boards(tmp_path):
     config = write_config(tmp_path, CAN_PRINTER)
     ebb = config.boards["ebb"]
-    assert ebb.serial == "" and ebb.canbus_uuid == "0e0d81e4210c" and ebb.canbus_interface == "can0"
-    assert config.board_by_serial("0e0d81e4210c") is ebb
+    assert ebb.serial is None and ebb.canbus_uuid == "0e0d81e4210c" and ebb.canbus_interface == "can0"
+    assert canbus.can_board(config, "0E0D81E4210C") is ebb
     assert config.boards["sb2209"].canbus_interface == "can1"
     assert canbus.rides_on(config, "0e0d81e4210c") == "can0"
     assert canbus.rides_on(config, "3A0029000851313433383932") is None
 
 
 @pytest.mark.parametrize("table, error", [
-    ('canbus_uuid = "0e0d81e4210"', "12 hex digits"),
+    ('canbus_uuid = "0e0d81e4210"', "12 lower-case hex digits"),
     ('canbus_uuid = "0e0d81e4210c"\ncanbus_interface = "../x"', "interface name"),
-    ('mcu = "rp2040"', "USB serial"),
+    ('mcu = "rp2040"', "serial .a USB board. or canbus_uuid"),
 ])
 def test_config_refuses_bad_can_keys(tmp_path, table, error):
     with pytest.raises(ConfigError, match=error):

@@ -104,7 +104,7 @@ def test_bridge_running_klipper_is_sent_to_katapult_over_its_bus(make_daemon, fa
     assert job["version_confirmed"] is True, job
     calls = flashtool_calls(standins)
     assert [c["argv"][:5] for c in calls][0] == ["-i", "can0", "-u", BRIDGE_UUID, "-r"], calls
-    assert calls[1]["device"].startswith("/dev/ttyACM"), calls  # then over USB, as Katapult
+    assert "usb-katapult_" in calls[1]["device"], calls  # then over USB, as Katapult
     assert farm.board(BRIDGE_SERIAL)["bootloader_requests"] == 1
     assert farm.board(BRIDGE_SERIAL)["history"] == ["bridge:can0", "katapult:ttyACM0", "bridge:can0"]
     # Its arrival as 6177 during that cycle started no second one.
