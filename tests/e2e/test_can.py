@@ -167,3 +167,40 @@ def test_toolhead_goes_before_the_bridge_carrying_its_bus(make_daemon, farm, sta
     order = [c["uuid"] for c in flashtool_calls(standins) if c.get("uuid")]
     assert order[0] == EBB_UUID and BRIDGE_UUID in order, order
     assert printer.running
+
+
+def test_bridge_landing_in_its_rom_bootloader_is_a_failure_that_says_so(make_daemon, farm, standins, tmp_path):
+    # No Katapult on the bridge: the CAN reboot request lands in the STM32 ROM DFU
+    # (0483:df11). flashtool says "Device is not Katapult, exiting..." and exits 0.
+    farm.add_bridge(BRIDGE_SERIAL, mcu=MCU, version=OLD, no_katapult=True)
+    daemon = make_daemon(boards={"octopus": {"serial": BRIDGE_SERIAL, "mcu": MCU}})
+    write_printer_state(daemon.printer_state, idle_timeout="Ready", mcus={"mcu": {"canbus_uuid": BRIDGE_UUID}})
+    printer = Printer(standins, daemon)
+    printer.start()
+    result = daemon.ctl("queue", "octopus", str(build(tmp_path, "octopus", MCU)), "--now", "--wait")
+    assert result.returncode == 1, result.stdout + result.stderr
+    job = daemon.ctl_json("history")[0]
+    assert job["state"] == "failed"
+    assert "not Katapult (0483:df11" in job["message"] and "power-cycled" in job["message"], job["message"]
+    assert farm.board(BRIDGE_SERIAL)["in_dfu"]
+    assert [c for c in flashtool_calls(standins) if c.get("firmware_sha256") and not c.get("can_request")] == []
+    verbs = standins.systemctl_verbs()
+    assert verbs.count("stop") == 1 and verbs[-1] == "start", verbs
+    wait_until(lambda: printer.running, 10, "Klipper running again")
+
+
+def test_toolhead_in_katapult_that_is_another_mcu_is_refused_before_the_stop(make_daemon, farm, standins, tmp_path):
+    # The node waits in Katapult (a flash that never finished, or a double-tap); no `mcu`
+    # in its table, so only Katapult's own answer (-s) can tell it is an rp2040.
+    farm.add_bridge(BRIDGE_SERIAL, mcu=MCU, version=OLD)
+    farm.add_can_node(EBB_UUID, mcu="rp2040", mode="katapult")
+    daemon = make_daemon(boards={"ebb": {"canbus_uuid": EBB_UUID}})
+    Printer(standins, daemon).start()
+    result = daemon.ctl("queue", "ebb", str(build(tmp_path, "ebb", EBB_MCU)), "--now", "--wait")
+    assert result.returncode == 1, result.stdout + result.stderr
+    job = daemon.ctl_json("history")[0]
+    assert "built for stm32g0b1xx but the CAN node 0e0d81e4210c is rp2040" in job["message"], job["message"]
+    assert "Klipper was not touched" in job["message"]
+    assert [c["argv"][-1] for c in flashtool_calls(standins)] == ["-q", "-s"]
+    assert standins.systemctl_verbs() == ["start"]  # the test's own start only
+    assert farm.can_node(EBB_UUID)["blocks_received"] == 0

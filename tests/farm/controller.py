@@ -118,6 +118,8 @@ class Board:
         self.last_eof_pages: Optional[int] = None
         self.history: List[str] = []
         self.can_interface: Optional[str] = None  # a USB-to-CAN bridge: its net interface
+        self.no_katapult = False  # a bootloader request lands in the chip's ROM DFU instead
+        self.in_dfu = False
         self.ifindex = 0
 
     @property
@@ -188,7 +190,7 @@ class Board:
             "image_version": self.image_version(),
             "fault": self.fault.as_dict(), "session": session, "history": list(self.history),
             "device_error": repr(self.device.error) if self.device is not None and self.device.error else None,
-            "can_interface": self.can_interface,
+            "can_interface": self.can_interface, "in_dfu": self.in_dfu,
         }
 
 
@@ -371,7 +373,8 @@ class Controller:
                 b.bootloader_requests += 1
                 log(f"{b.serial}: CAN reboot request -> re-enumerating as Katapult")
                 self._disconnect_bridge(b)
-                self.timers.append((time.monotonic() + BRIDGE_REBOOT_DELAY, lambda b=b: self.enumerate(b, "katapult")))
+                back = self._enumerate_dfu if b.no_katapult else lambda b: self.enumerate(b, "katapult")
+                self.timers.append((time.monotonic() + BRIDGE_REBOOT_DELAY, lambda b=b: back(b)))
                 return True
         return False
 
@@ -381,6 +384,22 @@ class Controller:
             if b.can_interface == iface and b.present and b.is_bridge_app and bridge_uuid(b.serial) == uuid:
                 return b.running_version
         return None
+
+    def _enumerate_dfu(self, b: Board) -> None:
+        """No Katapult: the request lands in the STM32 ROM bootloader (USB DFU 0483:df11, no
+        tty), where the board stays until it is power-cycled."""
+        b.devnum = self.next_devnum
+        self.next_devnum += 1
+        self.testbed.add_from_string("\n".join([
+            f"P: {b.usb_syspath[len('/sys'):]}", "E: SUBSYSTEM=usb", "E: DEVTYPE=usb_device",
+            "E: PRODUCT=483/df11/2200", f"E: BUSNUM={b.busnum:03d}", f"E: DEVNUM={b.devnum:03d}",
+            "A: idVendor=0483", "A: idProduct=df11", "A: manufacturer=STMicroelectronics",
+            "A: product=STM32  BOOTLOADER", f"A: serial={b.serial}", f"A: busnum={b.busnum}",
+            f"A: devnum={b.devnum}", "A: bDeviceClass=00", "A: bNumInterfaces= 1",
+        ]) + "\n")
+        b.present, b.in_dfu, b.mode = True, True, "katapult"
+        b.history.append("dfu")
+        log(f"{b.serial}: no Katapult: in the ROM bootloader (DFU 0483:df11)")
 
     def op_set_link(self, iface: str, up: bool) -> Dict[str, Any]:
         """`ip link set IFACE up/down`: the attributes change and a "change" uevent is sent."""
@@ -428,6 +447,12 @@ class Controller:
             raise RequestError(f"board {b.serial} is not plugged in")
         if b.is_bridge_app:
             self._disconnect_bridge(b)
+            return
+        if b.in_dfu:
+            if self.send_remove_uevents:
+                self.testbed.uevent(b.usb_syspath, "remove")
+            self.testbed.remove_device(b.usb_syspath)
+            b.present = b.in_dfu = False
             return
         device = b.device
         device.stop()
@@ -503,7 +528,8 @@ class Controller:
                      bootloader_version: str = "v0.0.1-110-gb0bf421", flash_base: int = 0x8000000,
                      flash_size: int = 512 * 1024, old_image: Optional[str] = None,
                      reconnect_delay: float = 0.0, plugged: bool = True,
-                     name: Optional[str] = None, can_interface: Optional[str] = None) -> Dict[str, Any]:
+                     name: Optional[str] = None, can_interface: Optional[str] = None,
+                     no_katapult: bool = False) -> Dict[str, Any]:
         if not isinstance(serial, str) or not re.fullmatch(r"[0-9A-Za-z]{1,64}", serial):
             raise RequestError(f"bad serial {serial!r}: 1-64 letters/digits, as a USB serial number")
         key = name or serial
@@ -523,6 +549,7 @@ class Controller:
         if old_image is not None:
             b.flash.load(b.app_start, base64.b64decode(old_image))
         b.can_interface = can_interface
+        b.no_katapult = bool(no_katapult)
         self.next_port += 1
         self.boards[key] = b
         if plugged:
