@@ -15,7 +15,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from . import __version__, cancycle, canbus, journal, staging
 from .control import PENDING, Connection, Reply, Request, error_reply
@@ -112,6 +112,23 @@ class Commands:
             return error_reply("internal", "kflashd failed on this request (a bug: see journalctl -u kflashd)")
 
     def _stage(self, fields: Dict[str, Any], checked: "staging.CheckedImage") -> Reply:
+        try:
+            job, replaced, warnings = self.stage_job(fields, checked)
+        except _Mismatch as e:
+            return error_reply("mismatch", str(e))
+        return {
+            "ok": True,
+            "job": job.to_dict(),
+            "replaced": replaced.to_dict() if replaced else None,
+            "warnings": warnings,
+        }
+
+    def stage_job(
+        self, fields: Dict[str, Any], checked: "staging.CheckedImage", batch: Optional[str] = None
+    ) -> Tuple[Job, Optional[Job], List[str]]:
+        """A checked image becomes a job, with every decision a staged image gets: for
+        `queue` (bytes from a client) and `update` (bytes from a build, `batch` its id).
+        Raises QueueError (_Mismatch when the image is for another MCU)."""
         selector, sha256, image = fields["selector"], checked.sha256, checked.image
         force, now = fields["force"], fields["now"]
         image_mcu, image_version = fields["mcu"], fields["version"]
@@ -119,8 +136,7 @@ class Commands:
         # build embeds its data dictionary (with config.MCU) in klipper.bin.
         embedded = checked.info
         if embedded.mcu and image_mcu and embedded.mcu.lower() != image_mcu.lower() and not force:
-            return error_reply(
-                "mismatch",
+            raise _Mismatch(
                 f"the image says it is built for {embedded.mcu}, but its klipper.dict says "
                 f"{image_mcu}: a stale klipper.dict? rebuild, or queue again with --force",
             )
@@ -139,7 +155,7 @@ class Commands:
         if (board or node) is not None and not force:
             refusal = image_matches_board(image_mcu, board or node, self.daemon.config)
             if refusal:
-                return error_reply("mismatch", refusal)
+                raise _Mismatch(refusal)
         job = Job(
             id=self.daemon.store.new_id(),
             selector=selector,
@@ -154,6 +170,7 @@ class Commands:
             force=force,
             now=now,
             message="waiting for the board in Katapult" if not now else "waiting for the board",
+            batch=batch,
         )
         replaced = self.daemon.store.stage(job, image)
         if replaced is not None:
@@ -179,12 +196,15 @@ class Commands:
             message_id=journal.MSG_JOB_STAGED,
         )
         self.daemon.reactor.call_soon_threadsafe(self.daemon.schedule)
-        return {
-            "ok": True,
-            "job": job.to_dict(),
-            "replaced": replaced.to_dict() if replaced else None,
-            "warnings": warnings,
-        }
+        return job, replaced, warnings
+
+    def _cmd_update(self, conn: Connection, request: Request) -> Reply:
+        boards = request.get("boards", [])
+        if not isinstance(boards, list) or len(boards) > 64 or not all(
+                isinstance(b, str) and 0 < len(b) <= 128 for b in boards):
+            return error_reply("bad_request", "boards must be a list of board names")
+        batch = self.daemon.updates.start(boards, _flag(request, "all"), _flag(request, "force"))
+        return {"ok": True, "batch": batch.to_dict()}
 
     def _resolve_selector(self, selector: str) -> "Target":
         """Board name, USB serial, or a /dev path (by-id in either mode, by-path, the node).
@@ -242,7 +262,8 @@ class Commands:
         limit = request.get("limit", 50)
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10000:
             return error_reply("bad_request", "limit must be a number from 1 to 10000")
-        return {"ok": True, "jobs": [j.to_dict() for j in self.daemon.store.history(limit)]}
+        return {"ok": True, "jobs": [j.to_dict() for j in self.daemon.store.history(limit)],
+                "batches": [b.to_dict() for b in self.daemon.updates.history(min(limit, 50))]}
 
     def _cmd_status(self, conn: Connection, request: Request) -> Reply:
         current = None
@@ -296,6 +317,16 @@ class Commands:
         return {"ok": True, "job": job.to_dict()}
 
     def _cmd_watch(self, conn: Connection, request: Request) -> Optional[Reply]:
+        if "batch" in request:
+            batch_id = _string(request, "batch")
+            batch = self.daemon.updates.watch(conn, batch_id)
+            if batch is None:
+                return error_reply("rejected", f"no such update: {batch_id[:40]!r}")
+            conn.send({"ok": True, "batch": batch.to_dict()})
+            if conn.watching is None:
+                conn.send({"event": "end", "batch": batch.to_dict()})
+                conn.finish()
+            return None
         job = self.daemon.store.get(_string(request, "job"))
         conn.send({"ok": True, "job": job.to_dict()})
         if job.state not in (JOB_QUEUED, JOB_RUNNING):
@@ -308,6 +339,10 @@ class Commands:
         elif self.daemon.guard_wait:
             conn.send({"event": "phase", "phase": "waiting for printer", "message": self.daemon.guard_wait, "job_id": job.id})
         return None
+
+
+class _Mismatch(QueueError):
+    """The image is built for another MCU than the board's (reply code "mismatch")."""
 
 
 def _string(request: Request, key: str) -> str:

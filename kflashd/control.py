@@ -202,6 +202,13 @@ class ControlServer:
 
     def stop(self) -> None:
         for conn in list(self.connections.values()):
+            # What is queued (a watcher's "end" event above all) goes out if the socket
+            # takes it now: best effort, never blocking the daemon's exit.
+            if conn.outbuf and not conn.closed:
+                try:
+                    conn.sock.send(conn.outbuf, socket.MSG_DONTWAIT)
+                except OSError:
+                    pass
             self.close(conn)
         if self.sock is not None:
             self.reactor.unregister_fd(self.sock.fileno())

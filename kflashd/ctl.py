@@ -33,6 +33,9 @@ BOARD is a board name from the config ([boards.NAME]), the board's USB serial nu
 /dev/serial/by-id/ path in either mode (usb-Klipper_… or usb-katapult_…).
 
 examples:
+  kflashctl update --all --wait
+      after `git pull` in ~/klipper: build every board that has a kconfig, skip those
+      already running the tree's version, flash the rest in ONE stop of Klipper
   kflashctl queue octopus ~/klipper/out/klipper.bin --wait
       stage the image; it is flashed when the board enters Katapult (double-tap reset)
   kflashctl queue octopus ~/klipper/out/klipper.bin --now --wait
@@ -73,6 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
     queue.add_argument("--now", action="store_true", help="reboot the board into Katapult now if it runs Klipper")
     queue.add_argument("--force", action="store_true", help="flash even if the image's MCU differs from the board's")
 
+    update = sub.add_parser("update", help="rebuild and reflash boards after a Klipper update",
+                            description="Build each board from its saved Klipper config ([boards.NAME] "
+                            "kconfig) as the Klipper tree's owner, skip boards whose running firmware "
+                            "already has the tree's version, and flash the rest in ONE stop of Klipper "
+                            "(CAN toolheads, USB boards, the USB-to-CAN bridge last). Klipper keeps "
+                            "running during the builds and is started again on every path.")
+    update.add_argument("boards", metavar="BOARD", nargs="*", help="board names from the config")
+    update.add_argument("--all", action="store_true", help="every board that has a kconfig")
+    update.add_argument("--wait", action="store_true", help="follow the update live; the exit code tells the result")
+    update.add_argument("--force", action="store_true", help="build and flash boards that already run the tree's version")
+    update.add_argument("--json", action="store_true", help="print the update's record as JSON (with --wait: at its end)")
+
     for name, text in (("list", "jobs waiting or running"), ("status", "what kflashd is doing now"),
                        ("history", "finished jobs, newest first"), ("devices", "boards connected now")):
         p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
@@ -99,13 +114,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         with ControlClient(config.control_socket, group=config.group) as client:
             if args.command == "queue":
                 return queue(client, config, args)
+            if args.command == "update":
+                from .ctl_update import update
+
+                return update(client, config, args)
             if args.command == "cancel":
                 reply = checked(client.request({"cmd": "cancel", "job": args.job}))
                 print(f"job {reply['job']['id']} cancelled")
                 return EXIT_OK
             if args.command == "history":
                 reply = checked(client.request({"cmd": "history", "limit": args.limit}))
-                return print_jobs(reply["jobs"], args.json, history=True)
+                code = print_jobs(reply["jobs"], args.json, history=True)
+                if not args.json and reply.get("batches"):
+                    from .ctl_update import print_batches
+
+                    print_batches(reply["batches"])
+                return code
             if args.command == "list":
                 return print_jobs(checked(client.request({"cmd": "list"}))["jobs"], args.json)
             if args.command == "devices":

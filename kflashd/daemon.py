@@ -46,6 +46,7 @@ from .reactor import NEVER, Reactor
 from .signals import EarlySignals
 from .staging import StagingWorker
 from .store import JobStore
+from .updates import Updates
 
 log = logging.getLogger("kflashd")
 
@@ -93,6 +94,7 @@ class Daemon(CycleHost):
         self.control: Optional[ControlServer] = None
         self.commands = Commands(self)
         self.staging = StagingWorker(self.reactor)
+        self.updates = Updates(self)  # `kflashctl update` batches (updates.py, batch.py)
         self.cycle: Optional[RunningCycle] = None
         self.stopping = False
         self.klipper_down: Optional[str] = None
@@ -115,6 +117,7 @@ class Daemon(CycleHost):
             log.warning(warning)
         for problem in self.store.load():
             log.error(problem)
+        self.updates.load()
         self._recover_from_crash()
         if self.stop_requested.is_set():
             # SIGTERM/SIGINT during start-up: stop before serving anything. If Klipper could
@@ -259,6 +262,12 @@ class Daemon(CycleHost):
             return
         self.stopping = True
         name = signal.Signals(signum).name
+        if self.updates.abort():
+            log.warning(f"{name}: ending the update after the board being written; Klipper is started first")
+            self._set_status("Stopping: ending the update, then starting Klipper")
+            with self._waiters_lock:
+                for waiter in self._waiters:
+                    waiter.event.set()
         if self.cycle is not None:
             log.warning(f"{name}: interrupting the flash of job {self.cycle.job.id}; Klipper is started first")
             self.cycle.abort.set()
@@ -268,7 +277,7 @@ class Daemon(CycleHost):
                     waiter.event.set()
         elif self._klipper_starting:
             log.info(f"{name}: stopping once the running `systemctl start` returns")
-        else:
+        elif self.updates.running is None:
             log.info(f"{name}: stopping")
             self.reactor.stop()
 
@@ -310,10 +319,14 @@ class Daemon(CycleHost):
     def schedule(self) -> None:
         """Start a cycle if a queued job's board is ready for it (loop thread only)."""
         busy = self.cycle is not None or self._klipper_starting or self._guard_hold
-        if busy or self.stopping or self.monitor is None:
+        if self.cycle is None and not self._klipper_starting and self.updates.grant_if_waiting():
+            busy = True  # a batch takes Klipper's one stop: no single cycle meanwhile
+        if busy or self.updates.holds_klipper() or self.stopping or self.monitor is None:
             self.update_status()
             return
         for job in canbus.order_jobs(self.store.queued(), self.config, self.monitor.bridges()):
+            if self.updates.owns(job):
+                continue  # flashed inside the batch's own stop, never on its own
             if job.port is None and self.monitor.serial_is_shared(job.serial):
                 self._finish(job, JOB_FAILED, ambiguous_serial(job.selector, job.serial,
                                                                self.monitor.find(job.serial)))
@@ -418,7 +431,8 @@ class Daemon(CycleHost):
         else:
             self._finish(job, JOB_FAILED, outcome.message)
         if self.stopping:
-            self.reactor.stop()
+            if self.updates.running is None:
+                self.reactor.stop()
             return
         self.schedule()
 
@@ -510,7 +524,7 @@ class Daemon(CycleHost):
         """Klipper is down after a failed start: keep trying, off the loop thread."""
         if not self.klipper_down or self.stopping:
             return NEVER
-        if self.cycle is not None:  # the cycle's own start is the next try
+        if self.cycle is not None or self.updates.holds_klipper():  # their own start is the next try
             return now + self.config.klipper_retry
         from . import service
 
@@ -575,7 +589,10 @@ class Daemon(CycleHost):
     def status_text(self) -> str:
         queued = len(self.store.queued())
         jobs = f"{queued} job{'s' if queued != 1 else ''} queued"
-        if self.cycle is not None:
+        updating = self.updates.status_text()
+        if updating is not None and not (self.cycle is not None and not self.updates.holds_klipper()):
+            text = updating
+        elif self.cycle is not None:
             c = self.cycle
             text = f"{c.phase.capitalize()} {c.job.label}"
             if c.phase in ("flashing", "verifying", "flashing via make flash"):
