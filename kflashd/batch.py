@@ -27,14 +27,14 @@ import logging
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, MutableMapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, MutableMapping, Optional, Sequence, Tuple, Union
 
-from . import build, guard
+from . import build, canbus, cancycle, guard
 from .config import BoardConfig, Config
 from .cycle import DONE, FAILED, INTERRUPTED, PHASE_STARTING, PHASE_STOPPING, CycleHost, FlashCycle, Outcome
 from .errors import KflashError, ServiceError
 from .klipper_stop import KlipperStop
-from .models import MODE_KATAPULT, MODE_KLIPPER, Board, Job
+from .models import KLIPPER_MODES, MODE_KATAPULT, MODE_KLIPPER, Board, Job
 from .store import JobStore
 
 # Kinds of board, by what carries them (see flash_order).
@@ -67,19 +67,22 @@ BATCH_FINAL = (S_DONE, S_FAILED, S_INTERRUPTED)
 _RANK = {KIND_CAN_TOOLHEAD: 0, KIND_USB: 1, KIND_CAN_BRIDGE: 2}
 
 
-def board_kind(board: BoardConfig) -> str:
-    """What carries the board, from its config (docs/config.md): only `canbus_uuid`, a CAN
-    toolhead; `serial` and `canbus_uuid`, the USB-to-CAN bridge (Klipper talks to it over
-    CAN, Katapult over USB); only `serial`, a USB board."""
-    if board.canbus_uuid and board.serial:
+def board_kind(board: BoardConfig, bridge_serials: Sequence[str] = ()) -> str:
+    """What carries the board: only `canbus_uuid`, a CAN toolhead; `serial` and
+    `canbus_uuid` (Klipper talks to it over CAN, Katapult over USB), or a serial that is a
+    USB-to-CAN bridge now (`bridge_serials`, from udev), the bridge; else a USB board."""
+    if board.serial and (board.canbus_uuid or board.serial in bridge_serials):
         return KIND_CAN_BRIDGE
     if board.canbus_uuid:
         return KIND_CAN_TOOLHEAD
     return KIND_USB
 
 
-def board_bus(board: BoardConfig) -> Optional[str]:
+def board_bus(board: BoardConfig, bridges: Sequence[Board] = ()) -> Optional[str]:
     """The CAN interface a toolhead rides on or a bridge carries ("can0"), else None."""
+    for bridge in bridges:
+        if board.serial and bridge.serial == board.serial and bridge.interface:
+            return bridge.interface
     return board.canbus_interface if board.canbus_uuid else None
 
 
@@ -95,7 +98,7 @@ class BatchBoard:
     """One board's line in the batch: what happened to it, and its job once staged."""
 
     name: str
-    serial: str
+    serial: str  # what its job names it by: the USB serial, or a CAN toolhead's canbus_uuid
     kind: str = KIND_USB
     port: Optional[str] = None  # USB port path, where boards share a serial
     bus: Optional[str] = None
@@ -145,13 +148,16 @@ class Batch:
         return None
 
 
-def new_batch(batch_id: str, boards: Sequence[BoardConfig], force: bool) -> Batch:
-    """A batch over `boards`, listed in flash order (builds go in that order too)."""
-    kinds = [board_kind(b) for b in boards]
-    ordered = [boards[i] for i in flash_order(kinds)]
+def new_batch(batch_id: str, boards: Sequence[BoardConfig], force: bool,
+              bridges: Sequence[Board] = ()) -> Batch:
+    """A batch over `boards`, listed in flash order (builds go in that order too).
+    `bridges`: the USB-to-CAN bridges udev shows now."""
+    serials = [b.serial for b in bridges]
+    kinds = [board_kind(b, serials) for b in boards]
     return Batch(batch_id, time.time(), force,
-                 boards=[BatchBoard(b.name, b.serial or "", board_kind(b), b.port, board_bus(b))
-                         for b in ordered])
+                 boards=[BatchBoard(boards[i].name, boards[i].serial or boards[i].canbus_uuid or "",
+                                    kinds[i], boards[i].port, board_bus(boards[i], bridges))
+                         for i in flash_order(kinds)])
 
 
 class BatchHost(CycleHost):
@@ -217,7 +223,7 @@ class BatchRun(CycleHost):
                 board.phase, board.percent = phase, percent
                 self._changed()
 
-    def wait_for_board(self, serial: str, mode: str, timeout: float,
+    def wait_for_board(self, serial: str, mode: Union[str, Tuple[str, ...]], timeout: float,
                        abort: threading.Event, port: Optional[str] = None) -> Optional[Board]:
         return self.host.wait_for_board(serial, mode, timeout, abort, port=port)
 
@@ -285,7 +291,17 @@ class BatchRun(CycleHost):
         return jobs
 
     def _running_version(self, board: BatchBoard) -> Optional[str]:
-        """What Klipper reports for this board's [mcu ...] (None: not known, never "current")."""
+        """What Klipper reports for this board's [mcu ...] (None: not known, never "current").
+
+        A CAN toolhead's and a bridge's [mcu] name them by canbus_uuid (a bridge's is
+        configured or derived from its USB serial); a USB board's by its serial path.
+        """
+        api = self.config.klipper_api_socket
+        if board.kind == KIND_CAN_TOOLHEAD:
+            return canbus.query_mcu_version_for_uuid(api, board.serial)
+        if board.kind == KIND_CAN_BRIDGE:
+            uuid = canbus.bridge_uuid(self.config, board.serial)
+            return canbus.query_mcu_version_for_uuid(api, uuid) if uuid else None
         present = self.host.wait_for_board(board.serial, MODE_KLIPPER, 0.5, self.abort, port=board.port)
         return guard.query_mcu_version_for(self.config.klipper_api_socket, board.serial,
                                            by_path=present.by_path if present else None)
@@ -330,40 +346,73 @@ class BatchRun(CycleHost):
             return
         if not self._printer_idle():
             return
+        ready = [prepared for prepared in (self._prepare(board, job) for board, job in jobs) if prepared]
+        if not ready or self.abort.is_set():
+            return
         batch.state = S_FLASHING
         self._changed()
-        owner = {"batch": batch.id, "job": batch.id, "jobs": [job.id for _, job in jobs]}
+        owner = {"batch": batch.id, "job": batch.id, "jobs": [job.id for _, job, _, _ in ready]}
         done: List[Tuple[BatchBoard, Job, FlashCycle, Outcome]] = []
         failed_buses: List[str] = []
         stop = KlipperStop(config, self.log, owner,  # type: ignore[arg-type]
                            lambda message: self.host.klipper_start_failed(None, message))  # type: ignore[arg-type]
-        self.log.info(f"stopping Klipper once for {len(jobs)} board(s)")
+        self.log.info(f"stopping Klipper once for {len(ready)} board(s)")
         batch.message = PHASE_STOPPING
         self._changed()
         try:
             with stop:
                 batch.klipper_stops += 1
-                for board, job in jobs:
+                for board, job, cycle, image_path in ready:
                     if self.abort.is_set():
                         break  # the rest stay queued: flashed when their board waits in Katapult
                     if board.kind == KIND_CAN_TOOLHEAD and board.bus in failed_buses:
-                        self._not_flashed(board, job, f"not flashed: the bridge of {board.bus} failed")
+                        self._not_flashed(board, job, f"not flashed: the bridge carrying {board.bus} failed")
                         continue
-                    cycle, outcome = self._flash_one(board, job)
-                    if cycle is not None:
-                        done.append((board, job, cycle, outcome))
+                    outcome = self._flash_one(board, job, cycle, image_path)
+                    done.append((board, job, cycle, outcome))
                     if outcome.kind != DONE and board.kind == KIND_CAN_BRIDGE and board.bus:
                         failed_buses.append(board.bus)
                 batch.message = PHASE_STARTING
                 self._changed()
         except ServiceError as e:
-            for board, job in jobs:
+            for board, job, _, _ in ready:
                 outcome = Outcome(FAILED, f"Klipper could not be stopped, nothing was flashed: {e}")
                 self._record(board, job, outcome)
             return
         for board, job, cycle, outcome in done:
             outcome = cycle.after_start(outcome, stop.start_failure)
             self._record(board, job, outcome)
+
+    def _prepare(self, board: BatchBoard, job: Job) -> Optional[Tuple[BatchBoard, Job, FlashCycle, str]]:
+        """Everything that can refuse a board before the stop (read-only, Klipper running):
+        the board is there, the image suits it, the CAN bus is up, the staged bytes are whole."""
+        present = self._find(board)
+        if present is None:
+            # Not connected now: its job stays queued and waits for the board in Katapult.
+            board.message = "not connected: its job waits for the board in Katapult"
+            self._changed()
+            return None
+        cycle = FlashCycle(self, self.config, self.store, job, present, self.abort)
+        refusal = cycle.refusal() or cycle.can_refusal()
+        if refusal:
+            self._record(board, job, Outcome(FAILED, refusal))
+            return None
+        try:
+            image_path = cycle.checked_image()
+        except KflashError as e:
+            self._record(board, job, Outcome(FAILED, str(e)))
+            return None
+        return board, job, cycle, image_path
+
+    def _find(self, board: BatchBoard) -> Optional[Board]:
+        """The board now: a CAN toolhead's record comes from the config (no udev identity)."""
+        if board.kind == KIND_CAN_TOOLHEAD:
+            return cancycle.node_board(self.config, board.serial)
+        for modes in (MODE_KATAPULT, KLIPPER_MODES):
+            found = self.host.wait_for_board(board.serial, modes, 0.2, self.abort, port=board.port)
+            if found is not None:
+                return found
+        return None
 
     def _printer_idle(self) -> bool:
         """The print guard before the stop; a busy printer means wait, never stop."""
@@ -378,32 +427,16 @@ class BatchRun(CycleHost):
             self.abort.wait(self.config.guard_retry)
         return False
 
-    def _flash_one(self, board: BatchBoard, job: Job) -> Tuple[Optional[FlashCycle], Outcome]:
-        present = (self.host.wait_for_board(board.serial, MODE_KATAPULT, 0.2, self.abort, port=board.port)
-                   or self.host.wait_for_board(board.serial, MODE_KLIPPER, 0.2, self.abort, port=board.port))
-        if present is None:
-            # Not connected now: its job stays queued and waits for the board in Katapult.
-            board.state = B_QUEUED
-            board.message = "not connected: its job waits for the board in Katapult"
-            self._changed()
-            return None, Outcome(FAILED, board.message)
+    def _flash_one(self, board: BatchBoard, job: Job, cycle: FlashCycle, image_path: str) -> Outcome:
         board.state, board.phase, board.percent = B_FLASHING, "", None
         self._changed()
-        self.host.job_running(job, present)
-        cycle = FlashCycle(self, self.config, self.store, job, present, self.abort)
-        refusal = cycle.refusal()
-        if refusal:
-            return cycle, Outcome(FAILED, refusal)
-        try:
-            image_path = cycle.checked_image()
-        except KflashError as e:
-            return cycle, Outcome(FAILED, str(e))
+        self.host.job_running(job, cycle.board)
         outcome = cycle.flash_in_stop(image_path)
         board.phase, board.percent = "", None
         board.state = {DONE: B_DONE, INTERRUPTED: B_INTERRUPTED}.get(outcome.kind, B_FAILED)
         board.message = outcome.message
         self._changed()
-        return cycle, outcome
+        return outcome
 
     def _not_flashed(self, board: BatchBoard, job: Job, why: str) -> None:
         board.state, board.message = B_NOT_FLASHED, why

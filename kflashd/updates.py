@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
 from . import journal, staging
 from .batch import BATCH_FINAL, S_INTERRUPTED, S_WAITING, Batch, BatchBoard, BatchHost, BatchRun, new_batch
@@ -130,11 +130,8 @@ class Updates(BatchHost):
                 boards.append(board)
         else:
             raise QueueError("name the boards to update, or give --all")
-        for board in boards:
-            if not board.serial:
-                raise QueueError(f"{board.name} is a CAN board: flashing over CAN is not available "
-                                 f"in this version of kflashd")
-        batch = new_batch(self.daemon.store.new_id(), boards, force)
+        bridges = self.daemon.monitor.bridges() if self.daemon.monitor is not None else []
+        batch = new_batch(self.daemon.store.new_id(), boards, force, bridges)
         running = RunningBatch(batch)
         self.running = running
         self._save(batch)
@@ -299,7 +296,7 @@ class Updates(BatchHost):
         record = copy.deepcopy(job)
         self._on_loop(lambda: self.daemon._finish(record, state, outcome.message))
 
-    def wait_for_board(self, serial: str, mode: str, timeout: float, abort: threading.Event,
+    def wait_for_board(self, serial: str, mode: Union[str, Tuple[str, ...]], timeout: float, abort: threading.Event,
                        port: Optional[str] = None) -> Optional[Board]:
         return self.daemon.wait_for_board(serial, mode, timeout, abort, port=port)
 

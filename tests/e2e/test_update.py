@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from kflashd.canbus import uuid_from_serial
 from kflashd.devices import serial_from_by_id
 from tests.e2e.conftest import Printer
 from tests.e2e.harness import KflashdProcess, wait_until
@@ -55,15 +56,23 @@ class UpdateRig:
         mcus = {}
         for name, (serial, mcu, mode) in boards.items():
             kconfig = write_kconfig(self.work / f"{name}.config", mcu, **(kconfig_options or {}).get(name, {}))
-            config_boards[name] = {"serial": serial, "mcu": mcu, "kconfig": str(kconfig)}
-            mcus["mcu" if not mcus else f"mcu {name}"] = serial
+            key = "canbus_uuid" if mode == "can" else "serial"
+            config_boards[name] = {key: serial, "mcu": mcu, "kconfig": str(kconfig)}
+            # printer.cfg: a CAN toolhead and a bridge by canbus_uuid, a USB board by serial
+            uuid = serial if mode == "can" else uuid_from_serial(serial) if mode == "bridge" else None
+            mcus["mcu" if not mcus else f"mcu {name}"] = {"canbus_uuid": uuid} if uuid else serial
         (self.work / "d").mkdir(mode=0o755)
         self.daemon = KflashdProcess(self.work / "d", farm.env, standins.dir, notify_socket=notify_socket.address,
                                      journal_socket=journal_socket, boards=config_boards, klipper_dir=self.tree,
                                      timeouts=timeouts)
         self.version = klipper_tree_update(self.tree)  # the user pulled: boards run the old one
         for name, (serial, mcu, mode) in boards.items():
-            farm.add_board(serial=serial, mcu=mcu, mode=mode, version=OLD)
+            if mode == "can":
+                farm.add_can_node(serial, mcu=mcu, version=OLD)
+            elif mode == "bridge":
+                farm.add_bridge(serial, mcu=mcu, version=OLD)
+            else:
+                farm.add_board(serial=serial, mcu=mcu, mode=mode, version=OLD)
         write_printer_state(self.daemon.printer_state, idle_timeout="Ready", mcus=mcus)
         self.printer = Printer(standins, self.daemon)
         self.printer.start()
@@ -219,4 +228,32 @@ def test_a_print_started_during_the_builds_is_never_interrupted(rig_factory, far
     assert proc.returncode == 0, out
     assert [v for v in standins.systemctl_verbs() if v in ("stop", "start")] == ["start", "stop", "start"]
     assert rig.board_runs_tree_build("octopus")
+    assert rig.printer.running
+
+
+def test_can_toolhead_first_the_bridge_carrying_its_bus_last(rig_factory, farm, standins):
+    # A CAN printer: the mainboard is the USB-to-CAN bridge, the toolhead rides on can0,
+    # and a USB board besides. Flashing the bridge takes can0 down: it goes last.
+    boards = {"octopus": ("3A0029000851313433383932", "stm32f446xx", "bridge"),
+              "spider": BOARDS["spider"],
+              "ebb": ("0e0d81e4210c", "stm32g0b1xx", "can")}
+    rig = rig_factory(boards=boards)
+
+    result = rig.daemon.ctl("update", "--all", "--wait", timeout=120)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [v for v in standins.systemctl_verbs() if v in ("stop", "start")] == ["start", "stop", "start"]
+    # Order of the flash tool's runs: the toolhead over can0, the USB board, the bridge.
+    targets = []
+    for call in standins.calls("flashtool"):
+        argv = call.get("argv", [])
+        if call.get("firmware_sha256") or "-f" in argv:
+            target = argv[argv.index("-u") + 1] if "-u" in argv else serial_from_by_id(argv[argv.index("-d") + 1])
+            if target not in targets:
+                targets.append(target)
+    assert targets == ["0e0d81e4210c", BOARDS["spider"][0], boards["octopus"][0]], targets
+    ebb = (rig.daemon.state_dir / "builds" / "ebb" / "out" / "klipper.bin").read_bytes()
+    assert farm.can_flashed_image("0e0d81e4210c", len(padded(ebb))) == padded(ebb)
+    assert farm.can_node("0e0d81e4210c")["running_version"] == rig.version
+    assert rig.board_runs_tree_build("octopus") and rig.board_runs_tree_build("spider")
     assert rig.printer.running
