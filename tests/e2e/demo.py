@@ -3,7 +3,8 @@
 Run it with `./scripts/demo` (no root needed once scripts/setup has its Debian packages).
 Nothing on this machine is stopped or flashed: the board is a umockdev device with a Katapult
 bootloader emulator behind its tty, "Klipper" is a stand-in service process that holds the
-board's port, and systemctl/make are the test suite's stand-ins. Everything lives in a temporary directory removed at the end.
+board's port, and systemctl/make are the test suite's stand-ins. Everything lives in a
+temporary directory removed at the end.
 """
 
 from __future__ import annotations
