@@ -245,8 +245,8 @@ class Daemon(CycleHost):
         for action, board in self.monitor.poll():
             changed = True
             if action == "net":
-                iface = self.monitor.interface(board.interface or "")
-                log.info(f"CAN interface {iface.name}: {iface.state}"
+                iface = self.monitor.interface(board.device_node)
+                log.info(f"CAN interface {board.device_node}: {iface.state}"
                          + (f" (USB-to-CAN bridge {board.serial})" if board.serial else ""))
                 continue
             log.info(f"{action}: {board.mode} board {board.serial} ({board.mcu}) at {board.device_node}")

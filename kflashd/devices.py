@@ -254,30 +254,26 @@ class BoardMonitor:
                         yield "add", board
 
     def _net_event(self, device, action: str) -> Iterator[Tuple[str, Board]]:
-        """A CAN interface came, went or changed (up/down): yields ("net", bridge) for the
-        bridge that carries it, so the daemon reschedules; the interface table is updated."""
+        """A CAN interface came, went or changed (up/down): the interface table (and the
+        bridge's record, which names its interface) is updated, and ("net", record) yielded
+        so the daemon reschedules; the record's `interface` names it, `serial` its bridge."""
         known = next((i for i in self.interfaces.values() if i.sys_path == device.sys_path), None)
         if action == "remove":
             if known is None:
                 return
             del self.interfaces[known.name]
-            self.stats["board_events"] += 1
             for sys_path, board in list(self.boards.items()):
                 if board.interface == known.name and board.mode == MODE_BRIDGE:
                     self.boards[sys_path] = dataclasses.replace(board, interface=None, device_node="")
-                    yield "net", self.boards[sys_path]
-                    return
-            yield "net", Board(serial="", mode="net", mcu="", device_node=known.name,
-                               sys_path=device.sys_path, interface=known.name)
-            return
-        before = known
-        bridge = self._take(device)
-        after = next((i for i in self.interfaces.values() if i.sys_path == device.sys_path), None)
-        if after is None or after == before:
-            return
+            after: Optional[Interface] = known
+        else:
+            self._take(device)
+            after = next((i for i in self.interfaces.values() if i.sys_path == device.sys_path), None)
+            if after is None or after == known:
+                return
         self.stats["board_events"] += 1
-        yield "net", bridge or Board(serial="", mode="net", mcu="", device_node=after.name,
-                                     sys_path=device.sys_path, interface=after.name)
+        yield "net", Board(serial=after.bridge_serial or "", mode="net", mcu="", device_node=after.name,
+                           sys_path=device.sys_path, interface=after.name)
 
     def _resync(self) -> Iterator[Tuple[str, Board]]:
         old = self.boards
