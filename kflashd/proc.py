@@ -9,6 +9,9 @@ someone remembered them:
   event, on any exception while we wait (KeyboardInterrupt, the SIGTERM exception of
   `service.klipper_service_stopped`), and after a normal exit, so no grandchild (a
   flashtool helper, a make recipe) is left holding the board's tty;
+- no child outlives a daemon killed with SIGKILL: each runs under the pdeath.py wrapper,
+  which kills the child's whole group when the daemon dies (no `preexec_fn`: it may
+  deadlock in a threaded process);
 - children never inherit NOTIFY_SOCKET / WATCHDOG_USEC / WATCHDOG_PID: a child that
   speaks sd_notify would otherwise talk to systemd on the daemon's behalf;
 - output is read with os.read on the raw pipes as it arrives, because flashtool.py writes
@@ -21,15 +24,19 @@ caller (`ProcResult`). It raises only when the program cannot be started at all 
 from __future__ import annotations
 
 import codecs
+import errno
 import os
 import pwd
 import selectors
+import shutil
 import signal
 import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
+
+from . import pdeath
 
 #: Environment variables that belong to the daemon's own systemd conversation.
 PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
@@ -134,27 +141,6 @@ def kill_group(proc: "subprocess.Popen[bytes]", grace: float = KILL_GRACE) -> No
         pass
 
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> Callable[[], None]:
-    """A preexec_fn that makes the child receive SIGKILL when the thread that forked it dies.
-
-    A daemon killed with SIGKILL must not leave a flash tool running on its own: that tool
-    would finish (or abort) the flash behind the next daemon's back and send COMPLETE to a
-    half-written board. libc is resolved here, in the parent, so the child only makes one
-    system call between fork and exec.
-    """
-    import ctypes
-
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-    return preexec
-
-
 def stream(
     argv: Sequence[str],
     timeout: float,
@@ -176,9 +162,15 @@ def stream(
     argv = [str(a) for a in argv]
     run_env = child_env(base=env)
     popen_kwargs = _user_kwargs(user, run_env)
+    program = argv[0]
+    if os.sep in program and cwd is not None:
+        program = os.path.join(cwd, program)
+    if shutil.which(program, path=run_env.get("PATH", os.defpath)) is None:
+        # The wrapper would start and then fail to exec: say so here, as Popen would.
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), argv[0])
     started = time.monotonic()
     proc = subprocess.Popen(
-        argv,
+        pdeath.argv(argv),
         cwd=cwd,
         env=run_env,
         stdin=subprocess.DEVNULL,
@@ -186,7 +178,6 @@ def stream(
         stderr=subprocess.PIPE,
         start_new_session=True,
         close_fds=True,
-        preexec_fn=_die_with_parent(),
         **popen_kwargs,  # type: ignore[arg-type]
     )
     result = ProcResult(argv=argv, returncode=None)
