@@ -48,7 +48,9 @@ COVERED_ELSEWHERE: List[Dict[str, str]] = [
         "injected": "mid-flash (write phase, slow board)",
         "klipper": "asserted: started by the next kflashd at start-up (cycle marker), running at the end",
         "job": "asserted: re-queued (board waits in Katapult) and flashed again: done, attempts 2, image byte-exact",
-        "evidence": "asserted: systemctl start before anything else, job attempts == 2",
+        "evidence": "asserted: the flash tool's process group gone within 5 s of the SIGKILL (pdeath "
+                    "wrapper) and no COMPLETE sent to the half-written board; systemctl start before "
+                    "anything else, job attempts == 2",
     },
     {
         "test": "tests/e2e/test_cycle.py::test_sigterm_mid_flash_stops_tool_starts_klipper",

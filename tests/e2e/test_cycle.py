@@ -190,6 +190,14 @@ def test_wrong_mcu_found_at_plug_in_fails_without_stopping_klipper(make_daemon, 
     assert farm.board(SERIAL)["blocks_received"] == 0
 
 
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def test_sigkill_mid_flash_restarts_klipper_then_reflashes(make_daemon, farm, standins, notify_socket):
     farm.add_board(serial=SERIAL, mcu=MCU, mode="katapult")
     farm.set_fault(SERIAL, "slow", bytes_per_second=1000)
@@ -202,8 +210,16 @@ def test_sigkill_mid_flash_restarts_klipper_then_reflashes(make_daemon, farm, st
     job_id = daemon.queue(SERIAL, str(path))
     notify_socket.wait_for(lambda m: "Flashing" in m and "%" in m and not m.endswith(": 0%"), timeout=20)
     assert not printer.running
+    tool = [c["pid"] for c in standins.calls("flashtool") if c.get("event") != "child"][-1]
+    group = os.getpgid(tool)
 
     daemon.kill()
+    # The flash tool's whole process group dies with the daemon (pdeath wrapper), at once.
+    wait_until(lambda: not group_alive(group), 5, "the flash tool's process group to die with kflashd")
+    # Killed, not left to wind down: a tool that outlived the daemon (or ended its own way on
+    # a broken pipe) would send COMPLETE, and the half-written board would boot it.
+    board = farm.board(SERIAL)
+    assert board["completes"] == 0 and board["mode"] == "katapult", board["completes"]
     farm.set_fault(SERIAL, None)
     daemon.start_ready(notify_socket)
     # Klipper is started at once by the new daemon (crash marker), before anything else.
