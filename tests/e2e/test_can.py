@@ -204,3 +204,23 @@ def test_toolhead_in_katapult_that_is_another_mcu_is_refused_before_the_stop(mak
     assert [c["argv"][-1] for c in flashtool_calls(standins)] == ["-q", "-s"]
     assert standins.systemctl_verbs() == ["start"]  # the test's own start only
     assert farm.can_node(EBB_UUID)["blocks_received"] == 0
+
+
+def test_toolhead_running_klipper_that_is_another_mcu_gets_nothing_written(make_daemon, farm, standins, tmp_path):
+    # Running Klipper, the node answers no -s; with no `mcu` in its table the check is
+    # flashtool's own, right after the jump, before the first block: nothing is written and
+    # COMPLETE sends the node back to its old firmware.
+    farm.add_bridge(BRIDGE_SERIAL, mcu=MCU, version=OLD)
+    old = make_image(mcu="rp2040", version=OLD, size=2000, seed=9)
+    farm.add_can_node(EBB_UUID, mcu="rp2040", old_image=old)
+    daemon = make_daemon(boards={"ebb": {"canbus_uuid": EBB_UUID}})
+    printer = Printer(standins, daemon)
+    printer.start()
+    result = daemon.ctl("queue", "ebb", str(build(tmp_path, "ebb", EBB_MCU)), "--now", "--wait")
+    assert result.returncode == 1, result.stdout + result.stderr
+    job = daemon.ctl_json("history")[0]
+    assert "Katapult MCU: rp2040 Klipper Binary MCU: stm32g0b1xx" in job["message"], job["message"]
+    node = farm.can_node(EBB_UUID)
+    assert node["blocks_received"] == 0 and node["mode"] == "klipper", node
+    assert farm.can_flashed_image(EBB_UUID, len(old)) == old
+    wait_until(lambda: printer.running, 10, "Klipper running again")
