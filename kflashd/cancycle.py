@@ -58,7 +58,10 @@ def bus_refusal(board: Board) -> Optional[str]:
     if board.mode == MODE_BRIDGE and not board.interface:
         return (f"the USB-to-CAN bridge {board.serial} has no CAN interface yet: is the gs_usb "
                 f"driver loaded? (`ip link show`)")
-    return canbus.down_message(canbus.read_interface(board.interface or canbus.DEFAULT_INTERFACE))
+    why = canbus.down_message(canbus.read_interface(board.interface or canbus.DEFAULT_INTERFACE))
+    if why and board.mode == MODE_BRIDGE:
+        why += "; or double-tap the board's reset to put it in Katapult by hand"
+    return why
 
 
 def uuid_of(board: Board, config: Config) -> Optional[str]:

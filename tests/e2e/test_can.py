@@ -224,3 +224,16 @@ def test_toolhead_running_klipper_that_is_another_mcu_gets_nothing_written(make_
     assert node["blocks_received"] == 0 and node["mode"] == "klipper", node
     assert farm.can_flashed_image(EBB_UUID, len(old)) == old
     wait_until(lambda: printer.running, 10, "Klipper running again")
+
+
+def test_bridge_with_its_bus_down_is_refused_before_the_stop(make_daemon, farm, standins, tmp_path):
+    daemon, printer = can_printer(make_daemon, farm, standins, toolhead=False)
+    farm.set_link("can0", False)
+    result = daemon.ctl("queue", "octopus", str(build(tmp_path, "octopus", MCU)), "--now", "--wait")
+    assert result.returncode == 1, result.stdout + result.stderr
+    job = daemon.ctl_json("history")[0]
+    assert job["message"].startswith("can0 is down: bring it up (ip link set can0 up type can bitrate 1000000)")
+    assert "double-tap" in job["message"] and "Klipper was not touched" in job["message"]
+    assert standins.systemctl_verbs() == ["start"] and flashtool_calls(standins) == []
+    assert farm.board(BRIDGE_SERIAL)["bootloader_requests"] == 0
+    assert printer.running
