@@ -8,7 +8,8 @@ files need it):
 It prints one JSON document (also written to FILE) and a table of the targets of issue 5.
 It is not a test: it asserts nothing about times and CI does not run it (timings on a
 shared runner say more about the runner than about kflashd). A full run takes about 95 s
-on two cores; --quick (fewer samples, 10 s idle) about 30 s.
+on two cores, --quick (fewer samples, 10 s idle) about 30 s; each plus about 40 s for the
+update section (bench/update.py, also runnable alone).
 
 What runs is what the end-to-end tests run (tests/e2e/harness.py): the real daemon under
 the board farm's umockdev preload, real uevents, a Katapult bootloader emulator behind
@@ -722,6 +723,18 @@ def table(results: Dict[str, Any], figures: Dict[str, float]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
+def bench_update(rig: Rig) -> Dict[str, Any]:
+    from bench.update import bench_update as run
+
+    return run(rig)
+
+
+def update_table(result: Dict[str, Any]) -> str:
+    from bench.update import table as render
+
+    return render(result)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer samples and a 10 s idle window")
@@ -745,6 +758,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             ("ratio", lambda: bench_ratio(rig, repeats)),
             ("burst", lambda: bench_burst(rig, BURST_BOARDS, BURST_EVENTS)),
             ("standins", lambda: bench_standin_startup(rig, stand)),
+            ("update", lambda: bench_update(rig)),  # bench/update.py: kflashctl update, N boards
         ):
             print(f"bench: {name} ...", file=sys.stderr, flush=True)
             rig.keep_journal()
@@ -773,6 +787,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         Path(args.json).write_text(text + "\n")
     print()
     print(table(results, figures))
+    print()
+    print(update_table(results["update"]))
     return 0
 
 
