@@ -10,6 +10,7 @@ exactly once and runs at the end; a print is never interrupted.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -216,7 +217,9 @@ def test_a_print_started_during_the_builds_is_never_interrupted(rig_factory, far
     boards = {name: BOARDS[name] for name in ("octopus",)}
     rig = rig_factory(boards=boards, timeouts={"guard_retry": 0.2},
                       kconfig_options={"octopus": {"kflashd_test_slow_ms": "100"}})
-    proc = rig.daemon.ctl_popen("update", "octopus", "--wait")
+    refused = rig.daemon.ctl("update", "nosuch")
+    assert refused.returncode == 2 and "unknown board 'nosuch'" in refused.stderr, refused.stderr
+    proc = rig.daemon.ctl_popen("update", "octopus", "--wait", "--json")
     wait_until(lambda: [c for c in standins.calls("make") if c.get("targets") == []], 30, "the build")
     rig.daemon.set_printer(print_stats="printing", idle_timeout="Printing")
 
@@ -226,6 +229,9 @@ def test_a_print_started_during_the_builds_is_never_interrupted(rig_factory, far
 
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
+    final = json.loads(out)  # --json: the update's record, for scripts
+    assert final["state"] == "done" and final["klipper_stops"] == 1, final
+    assert [(b["name"], b["state"]) for b in final["boards"]] == [("octopus", "done")]
     assert [v for v in standins.systemctl_verbs() if v in ("stop", "start")] == ["start", "stop", "start"]
     assert rig.board_runs_tree_build("octopus")
     assert rig.printer.running
@@ -257,3 +263,25 @@ def test_can_toolhead_first_the_bridge_carrying_its_bus_last(rig_factory, farm, 
     assert farm.can_node("0e0d81e4210c")["running_version"] == rig.version
     assert rig.board_runs_tree_build("octopus") and rig.board_runs_tree_build("spider")
     assert rig.printer.running
+
+
+def test_sigkill_mid_update_klipper_started_by_the_next_kflashd(rig_factory, farm, standins):
+    boards = {name: BOARDS[name] for name in ("octopus", "spider")}
+    rig = rig_factory(boards=boards)
+    farm.set_fault(BOARDS["octopus"][0], "slow", bytes_per_second=2000)
+    proc = rig.daemon.ctl_popen("update", "octopus", "spider", "--wait")
+    wait_until(lambda: standins.calls("flashtool"), 60, "the first flash")
+
+    rig.daemon.kill()  # SIGKILL: no finally runs; the crash marker says who stopped Klipper
+    proc.communicate(timeout=30)
+    assert not rig.printer.running
+
+    before = len(standins.systemctl_verbs())
+    rig.daemon.start()
+    wait_until(lambda: rig.printer.running, 30, "the next kflashd to start Klipper")
+    # Started at start-up, before anything else (not by a later cycle's stop and start).
+    assert standins.systemctl_verbs()[before:][:1] == ["start"], standins.systemctl_verbs()
+    history = rig.daemon.ctl("history")
+    assert "interrupted" in history.stdout.split("UPDATE", 1)[1], history.stdout
+    pending = {j["board_name"]: j["state"] for j in rig.daemon.ctl_json("list")}
+    assert pending.get("spider") == "queued", pending
