@@ -157,8 +157,9 @@ class BoardMonitor:
         self._pyudev = pyudev
         self._context = pyudev.Context()
         self._monitor = pyudev.Monitor.from_netlink(self._context)
-        for subsystem in _SUBSYSTEMS:
-            self._monitor.filter_by(subsystem)
+        self._monitor.filter_by("tty")
+        self._monitor.filter_by("usb", "usb_device")  # a bridge is a USB device without a tty
+        self._monitor.filter_by("net")
         self.boards: Dict[str, Board] = {}
         # Serials seen on two USB ports at once (boards built without the chip id all say
         # 12345): a chip id is unique, so such a serial names no board by itself, ever.
@@ -166,7 +167,9 @@ class BoardMonitor:
         self.interfaces: Dict[str, Interface] = {}  # CAN interfaces by name
         # Counters for `kflashctl status --json` and the benchmark: a uevent burst must
         # show every event seen (or an overflow that forced a re-read), never a silent loss.
-        self.stats: Dict[str, int] = {"uevents": 0, "board_events": 0, "overflows": 0}
+        # "uevents" counts tty uevents (every board has one), "can_uevents" those of USB
+        # devices and network interfaces (bridges and CAN links come and go through them).
+        self.stats: Dict[str, int] = {"uevents": 0, "can_uevents": 0, "board_events": 0, "overflows": 0}
 
     def start(self) -> List[Board]:
         """Start listening, then enumerate what is already there (in that order: no race)."""
@@ -233,7 +236,7 @@ class BoardMonitor:
                 raise
             if device is None:
                 return
-            self.stats["uevents"] += 1
+            self.stats["uevents" if device.subsystem == "tty" else "can_uevents"] += 1
             action = device.action
             if device.subsystem == "net":
                 yield from self._net_event(device, action)
