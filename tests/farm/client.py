@@ -66,6 +66,11 @@ class BoardFarm:
         with open(log_path, "ab") as log_file:
             proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file,
                                     cwd=str(REPO_ROOT), env=env, start_new_session=True)
+        return cls.attach(proc, log_path)
+
+    @classmethod
+    def attach(cls, proc: subprocess.Popen, log_path: Path) -> "BoardFarm":
+        """Wait for the ready line of a controller started elsewhere (e.g. inside a container)."""
         farm = cls.__new__(cls)
         farm._proc, farm.log_path, farm._buf = proc, log_path, b""
         try:

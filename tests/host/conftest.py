@@ -1,0 +1,100 @@
+"""Fixtures of the booted-host tests: a printer host booted once per module.
+
+``printer_host``: one Debian host (systemd PID 1) with a KIAUH layout, the emulated board
+farm inside, Klipper running, and kflashd installed by the README's own command,
+``sudo ./install.sh`` run by pi in the clone. The tests of ``test_host.py`` share it and
+run in file order (install, use, crash, uninstall), as an admin would on one host.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, List, Set
+
+import pytest
+
+from tests.farm.client import BoardFarm
+from tests.host import printer_host as ph
+from tests.host.machine import Machine
+from tests.host.rootfs import ensure_rootfs
+
+INSTALL_TIMEOUT = 300.0
+# What changes on any running host and is nobody's install: logs, caches, runtime state of
+# systemd and the test equipment itself.
+NOISE = ("/proc", "/sys", "/dev", "/tmp", "/var/tmp", "/var/log", "/var/cache", "/var/lib/systemd",
+         "/run/systemd", "/run/user", "/run/log", "/run/dbus", "/run/udev", "/run/sudo", "/run/mount",
+         "/run/lock", "/run/utmp", "/run/host", "/run/credentials", "/run/nologin",
+         "/var/lib/polkit-1", "/etc/.pwd.lock", "/etc/group-", "/etc/gshadow-", ph.TESTBED_PARENT,
+         f"{ph.HOME}/printer_data/logs")
+
+
+def file_list(machine: Machine) -> Set[str]:
+    """Every path on the machine's own file systems and /run, minus NOISE and byte-code."""
+    out = machine.run("find / /run -xdev 2>/dev/null; true", timeout=60).stdout.splitlines()
+    keep = set()
+    for path in out:
+        if "/__pycache__" in path or any(path == n or path.startswith(n + "/") for n in NOISE):
+            continue
+        keep.add(path)
+    return keep
+
+
+@dataclass
+class Host:
+    machine: Machine
+    farm: BoardFarm
+    workdir: Path
+    before_install: Set[str]
+    groups_before: str
+    install: "object"
+    install_seconds: float
+    serials: List[str] = field(default_factory=list)
+
+    def ctl(self, *args: str, user: str = ph.USER, check: bool = True, timeout: float = 60.0):
+        return self.machine.run(["kflashctl", *args], user=user, check=check, timeout=timeout)
+
+
+def boot_printer_host(workdir: Path, count: int) -> tuple:
+    machine = Machine(ensure_rootfs(), workdir).boot()
+    try:
+        ph.provision(machine, count=count)
+        farm = ph.start_farm(machine, workdir)
+    except BaseException:
+        machine.shutdown()
+        raise
+    return machine, farm
+
+
+def teardown(machine: Machine, farm: BoardFarm) -> None:
+    try:
+        farm.stop()
+    finally:
+        machine.shutdown()
+        print(f"--- console ({machine.console_log}) ---\n{machine.console()}")
+        print(f"--- farm controller log ---\n{farm.log_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def printer_host() -> Iterator[Host]:
+    workdir = Path(tempfile.mkdtemp(prefix="kflashd-host-"))
+    machine, farm = boot_printer_host(workdir, count=1)
+    try:
+        ph.install_dropins(machine, farm, ["klipper", "kflashd"])
+        machine.run(["systemctl", "enable", "--now", "klipper.service"])
+        machine.wait_unit("klipper.service")
+        machine.run(["systemctl", "enable", "--now", "moonraker.service"])
+        before = file_list(machine)
+        groups = machine.run(["getent", "group"]).stdout
+        started = time.monotonic()
+        result = machine.run(["sudo", "./install.sh"], user=ph.USER, cwd=ph.CLONE, check=False,
+                             timeout=INSTALL_TIMEOUT)
+        host = Host(machine, farm, workdir, before, groups, result, time.monotonic() - started)
+        yield host
+    finally:
+        if machine.leader:
+            print(f"--- journalctl -u kflashd -u klipper ---\n"
+                  f"{machine.journal('-u', 'kflashd', '-u', 'klipper', '-n', '120')}")
+            print(f"--- klippy.log ---\n{machine.run('tail -n 40 ~pi/printer_data/logs/klippy.log', check=False).stdout}")
+        teardown(machine, farm)
