@@ -151,6 +151,12 @@ make_venv() {
     fi
     local venv_args=()
     [[ $offline == yes ]] && venv_args+=(--system-site-packages)
+    # An --offline update of a venv made online: it cannot see Debian's packages; make it again.
+    if [[ $offline == yes && -f $DESTDIR$VENV/pyvenv.cfg ]] &&
+        ! grep -qiE '^include-system-site-packages *= *true' "$DESTDIR$VENV/pyvenv.cfg"; then
+        say "$VENV does not see Debian's python3 packages (made without --offline): making it again"
+        rm -rf "$DESTDIR$VENV"
+    fi
     if [[ ! -x $DESTDIR$VENV/bin/python ]] || ! "$DESTDIR$VENV/bin/python" -c '' 2>/dev/null; then
         rm -rf "$DESTDIR$VENV"
         run "$python" -m venv "${venv_args[@]}" "$DESTDIR$VENV"

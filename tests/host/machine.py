@@ -142,7 +142,12 @@ class Machine:
 
     # -- files (through the overlay's merged view) ----------------------------------------
     def path(self, inside: str) -> Path:
+        """A path on the overlay; not for /run, /tmp or /dev (the machine mounts its own)."""
         return self.root / inside.lstrip("/")
+
+    def exists(self, inside: str) -> bool:
+        """Asked inside, so /run and /tmp are the machine's own."""
+        return self.run(["test", "-e", inside], check=False).returncode == 0
 
     def write(self, inside: str, text: str, mode: int = 0o644, owner: Optional[str] = None) -> None:
         target = self.path(inside)
