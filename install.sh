@@ -87,23 +87,35 @@ run() { say "run: $*"; "$@"; }
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
-# Klipper's unit file (its User= names the Klipper user); empty when none is installed.
+# "USER UNIT" from Klipper's unit file: klipper.service, else the first of KIAUH's
+# multi-instance units klipper-NAME.service (klipper-1, klipper-2, ...; all run as the
+# same user). USER is empty when that unit has no User=; nothing when no unit exists.
 klipper_unit_user() {
-    local dir f
+    local dir f u units=()
     for dir in "${UNIT_DIRS[@]}"; do
-        f=$dir/klipper.service
-        [[ -f $f ]] || continue
-        sed -n 's/^[[:space:]]*User[[:space:]]*=[[:space:]]*\([^[:space:]]*\).*/\1/p' "$f" | tail -n 1
-        return 0
+        if [[ -f $dir/klipper.service ]]; then units+=("$dir/klipper.service"); fi
     done
+    if ((${#units[@]} == 0)); then
+        for dir in "${UNIT_DIRS[@]}"; do
+            for f in "$dir"/klipper-*.service; do
+                if [[ -f $f ]]; then units+=("$f"); fi
+            done
+        done
+    fi
+    if ((${#units[@]} == 0)); then return 0; fi
+    f=${units[0]}
+    u=$(sed -n 's/^[[:space:]]*User[[:space:]]*=[[:space:]]*\([^[:space:]]*\).*/\1/p' "$f" | tail -n 1)
+    printf '%s %s\n' "$u" "${f##*/}"
 }
 
 # Sets $user: the Klipper unit's User=, else the owner of the sudo user's ~/klipper, else root.
 detect_user() {
     local home
-    user=$(klipper_unit_user)
+    local found
+    found=$(klipper_unit_user)
+    user=${found%% *}
     if [[ -n $user ]]; then
-        say "Klipper user: $user (User= of klipper.service)"
+        say "Klipper user: $user (User= of ${found#* })"
         return
     fi
     if [[ -n ${SUDO_USER:-} && $SUDO_USER != root ]]; then

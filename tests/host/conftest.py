@@ -11,7 +11,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, List, Set
+from typing import Iterator, List, Optional, Set
 
 import pytest
 
@@ -56,24 +56,26 @@ class Host:
         return self.machine.run(["kflashctl", *args], user=user, check=check, timeout=timeout)
 
 
-def boot_printer_host(workdir: Path, count: int) -> tuple:
+def boot_printer_host(workdir: Path, count: int, with_farm: bool = True) -> tuple:
     machine = Machine(ensure_rootfs(), workdir).boot()
     try:
         ph.provision(machine, count=count)
-        farm = ph.start_farm(machine, workdir)
+        farm = ph.start_farm(machine, workdir) if with_farm else None
     except BaseException:
         machine.shutdown()
         raise
     return machine, farm
 
 
-def teardown(machine: Machine, farm: BoardFarm) -> None:
+def teardown(machine: Machine, farm: Optional[BoardFarm]) -> None:
     try:
-        farm.stop()
+        if farm is not None:
+            farm.stop()
     finally:
         machine.shutdown()
         print(f"--- console ({machine.console_log}) ---\n{machine.console()}")
-        print(f"--- farm controller log ---\n{farm.log_text()[-3000:]}")
+        if farm is not None:
+            print(f"--- farm controller log ---\n{farm.log_text()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +100,22 @@ def printer_host() -> Iterator[Host]:
                   f"{machine.journal('-u', 'kflashd', '-u', 'klipper', '-n', '120')}")
             print(f"--- klippy.log ---\n{machine.run('tail -n 40 ~pi/printer_data/logs/klippy.log', check=False).stdout}")
         teardown(machine, farm)
+
+
+@pytest.fixture(scope="module")
+def multi_instance_host() -> Iterator[Machine]:
+    """KIAUH's multi-instance layout: klipper-1 and klipper-2, each with printer_N_data, both
+    running; kflashd installed by root itself (no sudo, so no SUDO_USER to fall back on)."""
+    workdir = Path(tempfile.mkdtemp(prefix="kflashd-multi-"))
+    machine, _ = boot_printer_host(workdir, count=2, with_farm=False)
+    try:
+        for unit, _data in ph.instances(2):
+            machine.run(["systemctl", "enable", "--now", f"{unit}.service"])
+            machine.wait_unit(f"{unit}.service")
+        machine.install = machine.run(["./install.sh", "--offline"], cwd=ph.CLONE, check=False,  # type: ignore[attr-defined]
+                                      timeout=INSTALL_TIMEOUT)
+        yield machine
+    finally:
+        if machine.leader:
+            print(f"--- journalctl -u kflashd ---\n{machine.journal('-u', 'kflashd', '-n', '60')}")
+        teardown(machine, None)
