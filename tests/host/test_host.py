@@ -196,6 +196,17 @@ def test_watchdog_aborts_a_hung_daemon_and_systemd_restarts_it(printer_host):
         m.run(["systemctl", "restart", "kflashd.service"], timeout=60)
         pid = wait_ready(m)
         restarts = int(m.show("kflashd.service", "NRestarts"))
+        # Healthy, it pings: systemd's last-ping time moves on twice, same process, no restart.
+        seen = [m.show("kflashd.service", "WatchdogTimestampMonotonic")]
+
+        def pinged_twice() -> bool:
+            assert main_pid(m) == pid, "kflashd was restarted although it was not hung"
+            stamp = m.show("kflashd.service", "WatchdogTimestampMonotonic")
+            if stamp != seen[-1]:
+                seen.append(stamp)
+            return len(seen) >= 3
+        wait_until(pinged_twice, timeout=10, what="two watchdog pings", interval=0.2)
+        assert int(m.show("kflashd.service", "NRestarts")) == restarts
         m.run(f"kill -STOP {pid}")  # the shell's kill: no procps here
         new_pid = wait_ready(m, old_pid=pid, timeout=30)
         assert int(m.show("kflashd.service", "NRestarts")) == restarts + 1
