@@ -26,7 +26,7 @@ SUITE = "bookworm"
 PACKAGES = (
     "systemd", "systemd-sysv", "dbus", "polkitd", "pkexec", "sudo", "udev", "ca-certificates",
     "python3", "python3-venv", "python3-gi", "gir1.2-umockdev-1.0", "umockdev",
-    "python3-pyudev", "python3-serial", "python3-sdnotify", "python3-setuptools", "python3-wheel",
+    "python3-pyudev", "python3-serial", "python3-setuptools", "python3-wheel",
 )
 BUILD_TIMEOUT = 600
 
