@@ -47,6 +47,9 @@ idle       Over a fixed window after READY=1, with no boards changing: context s
            every one is a wake-up), CPU seconds (utime+stime of /proc/PID/stat) and VmRSS;
            one daemon without and one with WATCHDOG_USEC (the unit's 30 s) side by side.
 ready      exec (Popen) to the READY=1 datagram on NOTIFY_SOCKET, median of 10 starts.
+hostile    See bench/hostile.py: `status` round trips while a crafted 8 MiB image (the
+           dictionary search's worst case) is queued and 60 connections fill their buffers;
+           the crafted request's reply time; the daemon's peak memory (VmHWM).
 burst      16 boards plugged and unplugged round-robin as fast as the farm can, 1,000
            tty uevents (each plug or unplug also emits 2 for the USB device and interface,
            which the daemon's netlink filter drops). "seen" is the daemon's own counter
@@ -72,6 +75,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from bench.hostile import bench_hostile
 from kflashd.control import ControlClient
 from tests.e2e.harness import PYTHON, REPO, STANDINS, KflashdProcess
 from tests.farm.client import BoardFarm
@@ -668,7 +672,7 @@ def met(value: float, comparison: str, limit: float) -> bool:
 
 def table(results: Dict[str, Any], figures: Dict[str, float]) -> str:
     """The human view: each target, then the figures that explain it (all ms unless said)."""
-    c, r, i, b, st = (results[k] for k in ("cycles", "ratio", "idle", "burst", "standins"))
+    c, r, i, b, st, h = (results[k] for k in ("cycles", "ratio", "idle", "burst", "standins", "hostile"))
     rs, ds = c["reaction_split_p50_ms"], c["downtime_split_p50_ms"]
     verdict = {key: (f"{figures[key]:g}", f"{cmp} {limit:g}", "ok" if met(figures[key], cmp, limit) else "MISSED")
                for key, _label, cmp, limit in TARGETS}
@@ -718,6 +722,10 @@ def table(results: Dict[str, Any], figures: Dict[str, float]) -> str:
         note("seen / emitted; rate /s; drain; daemon CPU per event",
              f"{b['uevents_seen']} / {b['uevents_emitted']}; {b['emit_rate_per_s']}; {b['drain_ms']:g}; "
              f"{b['cpu_ms_per_event']:g}"),
+        ("status under a crafted image + 60 full buffers: p50 / p99 / max", f"{h['status']['p50_ms']:g} / "
+         f"{h['status']['p99_ms']:g} / {h['status']['max_ms']:g}", "< 1000 (test_loop)", ""),
+        note("crafted image answered in; daemon peak memory (VmHWM) MiB",
+             f"{h['crafted_image_reply_ms']:g} ms; {h['peak_rss_mb']:g}"),
     ]
     widths = [max(len(row[k]) for row in rows) for k in range(4)]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
@@ -759,6 +767,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             ("burst", lambda: bench_burst(rig, BURST_BOARDS, BURST_EVENTS)),
             ("standins", lambda: bench_standin_startup(rig, stand)),
             ("update", lambda: bench_update(rig)),  # bench/update.py: kflashctl update, N boards
+            ("hostile", lambda: bench_hostile(rig, summary_ms)),
         ):
             print(f"bench: {name} ...", file=sys.stderr, flush=True)
             rig.keep_journal()
