@@ -114,7 +114,8 @@ def _last_line(text: str) -> str:
 
 
 def _systemctl(
-    verb: str, units: Sequence[str], timeout: float, use_sudo: bool
+    verb: str, units: Sequence[str], timeout: float, use_sudo: bool,
+    abort: Optional[threading.Event] = None,
 ) -> proc.ProcResult:
     argv = ["systemctl", verb, *units]
     if use_sudo:
@@ -122,7 +123,7 @@ def _systemctl(
     elif not running_as_root():
         # polkit decides; never let systemctl wait for a password prompt nobody sees.
         argv.insert(1, "--no-ask-password")
-    return proc.run(argv, timeout)
+    return proc.run(argv, timeout, abort=abort)
 
 
 def _failure_text(verb: str, units: Sequence[str], result: proc.ProcResult) -> str:
@@ -212,7 +213,9 @@ def start_services(
 ) -> None:
     """`systemctl start UNITS`, retried; raises ServiceError after the last failed try.
 
-    `abort` set (the daemon is stopping) ends the retries after the try in hand.
+    `abort` set (the daemon is stopping during start-up) ends the try in hand and the
+    retries: systemd goes on with a start job it accepted; the caller keeps its marker.
+    The cycle's own restart of Klipper passes no `abort`: it always runs to its end.
 
     Used by the context manager's `finally` and by the daemon's crash recovery at start-up
     (a daemon killed with SIGKILL mid-flash left Klipper stopped).
@@ -227,7 +230,7 @@ def start_services(
     for attempt in range(1, max(1, tries) + 1):
         log.info(f"starting {' '.join(units)}" + (f" (try {attempt})" if attempt > 1 else ""))
         try:
-            result = _systemctl("start", units, timeout, sudo)
+            result = _systemctl("start", units, timeout, sudo, abort)
         except OSError as e:
             last = f"systemctl start {' '.join(units)} could not be run: {e}"
         else:
@@ -235,6 +238,8 @@ def start_services(
                 return
             last = _failure_text("start", units, result)
         log.warning(f"{last} (try {attempt} of {tries})")
+        if abort is not None and abort.is_set():
+            raise ServiceError(f"{last}; no more tries: kflashd is stopping")
         if attempt < tries:
             if abort is None:
                 time.sleep(delay)

@@ -223,8 +223,8 @@ def test_sigterm_during_start_up_recovery_stops_cleanly(make_daemon, standins, n
     started = time.monotonic()
     daemon.send_signal(signal.SIGTERM)
     assert daemon.process.wait(20) == 0, daemon.log()  # not killed by the signal: exit 0
-    # The try in hand ends (timeouts.service = 4 s); no more tries after the stop request.
-    assert time.monotonic() - started < 4 + 3
+    # The hung try in hand is cut short (before its timeouts.service of 4 s); no more tries.
+    assert time.monotonic() - started < 4
     assert standins.systemctl_verbs().count("start") == tries
     assert not any(m.startswith("READY=1") for m in notify_socket.messages)
     assert (daemon.runtime_dir / "cycle.marker").exists()  # Klipper still stopped: next start tries
