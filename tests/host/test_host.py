@@ -157,10 +157,15 @@ def test_udev_rule_tags_an_emulated_katapult_board(printer_host):
     m, farm = printer_host.machine, printer_host.farm
     info = farm.add_board(SERIAL, mcu=ph.MCU, mode="katapult", version=OLD_VERSION)
     env = farm.env
-    out = m.run(["udevadm", "test", "--action=add", info["sys_path"]], env=env, check=False).stdout
+    result = m.run(["udevadm", "test", "--action=add", info["sys_path"]], env=env, check=False)
+    out = result.stdout + result.stderr  # properties on stdout, the rules' GROUP/MODE in the log
     assert "ID_KFLASHD=katapult" in out, out[-3000:]
     assert "SYSTEMD_WANTS=kflashd.service" in out
     assert re.search(r"TAGS=.*:systemd:", out)
+    assert "ID_MM_DEVICE_IGNORE=1" in out
+    dialout = m.run(["getent", "group", "dialout"]).stdout.split(":")[2]
+    assert re.search(rf"70-kflashd.rules:\d+ GROUP {dialout}\b", out), out[-3000:]
+    assert re.search(r"70-kflashd.rules:\d+ MODE 0660\b", out), out[-3000:]
     farm.reset(SERIAL, "klipper")
     farm.wait_for_mode(SERIAL, "klipper")
 
