@@ -22,7 +22,7 @@ from .control import PENDING, Connection, Reply, Request, error_reply
 from .cycle import image_matches_board
 from .devices import serial_from_by_id
 from .errors import QueueError
-from .models import JOB_CANCELLED, JOB_QUEUED, JOB_RUNNING, MODE_BRIDGE, MODE_KATAPULT, Board, Job
+from .models import JOB_CANCELLED, JOB_INTERRUPTED, JOB_QUEUED, JOB_RUNNING, MODE_BRIDGE, MODE_KATAPULT, Board, Job
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -275,6 +275,11 @@ class Commands:
             "current": current,
             "queued": [j.to_dict() for j in self.daemon.store.queued()],
             "klipper_down": self.daemon.klipper_down,
+            "state_problem": self.daemon.state_problem(),
+            "interrupted": [
+                j.to_dict() for j in self.daemon.store.history(10000)
+                if j.state == JOB_INTERRUPTED and j.resume_until is not None
+            ],
             "printer_busy": self.daemon.guard_wait,
             "boards": self._boards_reply(),
             "version": __version__,

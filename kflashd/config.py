@@ -130,7 +130,7 @@ _SCALARS: Dict[Tuple[str, str], Tuple[str, Tuple[type, ...], str]] = {
     ("timeouts", "bootloader"): ("timeout_bootloader", (int, float), "seconds"),
     ("timeouts", "reboot"): ("timeout_reboot", (int, float), "seconds (0: don't wait)"),
     ("timeouts", "build"): ("timeout_build", (int, float), "seconds for one board's build"),
-    ("timeouts", "resume"): ("timeout_resume", (int, float), "seconds within which an image cut off mid-write by a crash is flashed again"),
+    ("timeouts", "resume"): ("timeout_resume", (int, float), "seconds after an interrupted write during which the same board may be flashed again (0: never)"),
     ("timeouts", "guard_retry"): ("guard_retry", (int, float), "seconds between print-guard checks"),
     ("timeouts", "klipper_retry"): ("klipper_retry", (int, float), "seconds between tries to start a Klipper that is down"),
 }

@@ -324,8 +324,12 @@ def print_status(reply: Dict[str, Any], as_json: bool) -> int:
         print(f"  running: job {current['id']} for {current.get('board_name') or current['serial']}: {current['phase']}{pct}")
     for job in reply.get("queued", []):
         print(f"  queued:  job {job['id']} for {job.get('board_name') or job['serial']}: {job.get('message', '')}")
+    for job in reply.get("interrupted", []):
+        print(f"  interrupted mid-write: job {job['id']} for {job.get('board_name') or job['serial']}: {job.get('message', '')}")
     if reply.get("klipper_down"):
         print(f"  KLIPPER IS NOT RUNNING: {reply['klipper_down']} (try: sudo systemctl start klipper)")
+    if reply.get("state_problem"):
+        print(f"  JOB RECORDS NOT SAVED: {reply['state_problem']}")
     print(f"  boards connected: {len(reply.get('boards', []))} (kflashctl devices)")
     return EXIT_OK
 

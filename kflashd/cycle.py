@@ -3,8 +3,9 @@
 The order is docs/design.md's ("The flash cycle") and it is the safety argument, so it
 reads top to bottom in `FlashCycle.run()`: refuse a wrong image before anything is touched, ask the print guard,
 stop Klipper (crash marker and sudo check first: `klipper_stop.KlipperStop`), reboot the
-board into Katapult if it runs Klipper, check the device is still there, flash (Katapult,
-then `make flash`), wait for the board to come back, start Klipper (on every path), and
+board into Katapult if it runs Klipper, check the device is still there, record "writing
+started" (fsynced), flash (Katapult, then `make flash`), record "written" with the tool's
+result, wait for the board to come back, start Klipper (on every path), and
 look for proof that the new firmware runs.
 
 The steps while Klipper is down (`flash_in_stop`) do not own the stop: a batch
@@ -25,8 +26,8 @@ from typing import Any, Dict, MutableMapping, Optional, Tuple
 
 from . import bootloader, cancycle, canbus, flasher, guard
 from .config import Config
-from .errors import DiscoveryError, Interrupted, KflashError, ServiceError
-from .models import KLIPPER_MODES, MODE_BRIDGE, MODE_CAN_NODE, MODE_KATAPULT, Board, FlashResult, Job
+from .errors import DiscoveryError, Interrupted, KflashError, ServiceError, StateWriteError
+from .models import KLIPPER_MODES, MODE_BRIDGE, MODE_CAN_NODE, MODE_KATAPULT, WRITE_DONE, WRITE_STARTED, Board, FlashResult, Job
 from .klipper_stop import KlipperStop
 from .store import JobStore
 
@@ -161,6 +162,7 @@ class FlashCycle:
         self.board = board
         self.abort = abort
         self.log = JobLog(logging.getLogger("kflashd.cycle"), job)
+        self.unrecorded: Optional[str] = None  # why the "written" record could not be saved
         self.returned: Optional[Board] = None  # the board back in Klipper mode after the flash
 
     def run(self) -> Outcome:
@@ -219,6 +221,10 @@ class FlashCycle:
         """The job's outcome once Klipper was started again: a failed start is said in the
         job's own record (`queue --wait` and `history` show it; a "done" alone would read as
         "all is well" with Klipper down), else a done flash looks for its proof."""
+        if self.unrecorded is not None:
+            # The board has what the tool wrote, but the disk says "writing started": the
+            # job must not read as a plain success (recovery.py repeats a started write).
+            outcome = Outcome(FAILED, f"cannot record the result: {self.unrecorded}; {outcome.message}", outcome.result)
         if start_failure is not None:
             outcome.message += f"; KLIPPER IS NOT RUNNING: starting it again failed: {start_failure}"
         elif outcome.kind == DONE:  # no Klipper to ask otherwise
@@ -267,6 +273,9 @@ class FlashCycle:
         # Unplugged, or its node now belongs to another board: never flash by a stale node.
         target = flash_target(board)
         self.host.phase(job, PHASE_FLASHING, 0)
+        refused = self._announce_write()
+        if refused is not None:
+            return refused
         result = flasher.flash_device(
             target,
             image_path,
@@ -279,9 +288,8 @@ class FlashCycle:
             log=self.log,  # type: ignore[arg-type]
             device_present=lambda: still_connected(board),
         )
-        job.results.append(result)
+        self._record_result(result)
         if not result.success:
-            self._check_abort()
             return Outcome(FAILED, result.error_message or "flash failed", result)
         done = f"flashed via {result.method} in {result.elapsed_seconds:.1f} s"
         if self.abort.is_set():  # the image is written: that is a success, not an interruption
@@ -309,15 +317,17 @@ class FlashCycle:
         """A CAN toolhead: flashtool.py sends it to Katapult and flashes it in one run."""
         job, config, board = self.job, self.config, self.board
         self.host.phase(job, PHASE_FLASHING, 0)
+        refused = self._announce_write()
+        if refused is not None:
+            return refused
         iface = board.interface or canbus.DEFAULT_INTERFACE
         result = flasher.flash_device(
             iface, image_path, config.katapult_dir, None, timeout=config.timeout_flash,
             progress=self._progress, abort=self.abort, log=self.log,  # type: ignore[arg-type]
             target=canbus.target_args(iface, board.serial),
         )
-        job.results.append(result)
+        self._record_result(result)
         if not result.success:
-            self._check_abort()
             return Outcome(FAILED, result.error_message or "flash failed", result)
         # No udev event tells that a CAN node booted: Klipper reporting the new version
         # for the [mcu] whose canbus_uuid names it is the proof (_confirm_version).
@@ -344,6 +354,38 @@ class FlashCycle:
     def checked_image(self) -> str:
         self.store.read_image(self.job)  # re-checks the sha256 of the staged bytes
         return self.store.image_path(self.job)
+
+    def _announce_write(self) -> Optional[Outcome]:
+        """Write ahead, fsynced, "writing started" with the board's USB port, before the
+        flash tool may write a byte; an Outcome (nothing written) when the disk refuses:
+        a write that could not be announced would, after a crash, look like none at all."""
+        job = self.job
+        job.write = WRITE_STARTED
+        job.write_started = time.time()
+        job.write_port = self.board.port_path
+        job.write_device = self.board.device_node
+        job.message = f"writing {self.board.device_node or self.board.serial}"
+        try:
+            self.store.update(job)
+        except StateWriteError as e:
+            return Outcome(FAILED, f"cannot record the start of the write: {e.reason}; nothing was written")
+        return None
+
+    def _record_result(self, result: FlashResult) -> None:
+        """Write ahead "written" with the tool's result, unless a stop cut the tool short
+        (then the record stays "started": the board holds half an image). A disk that
+        refuses is remembered: the job ends failed with the reason (`after_start`)."""
+        job = self.job
+        job.results.append(result)
+        if not result.success:
+            self._check_abort()
+        job.write = WRITE_DONE
+        job.message = f"written to {self.board.device_node or self.board.serial}"
+        try:
+            self.store.update(job)
+        except StateWriteError as e:
+            self.unrecorded = e.reason
+            self.log.error(f"cannot record the result of the write: {e}")
 
     def confirm_version(self) -> None:
         """Proof of success: Klipper reports the image's version for this MCU (best effort).

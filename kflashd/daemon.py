@@ -14,9 +14,7 @@ Klipper, and only then does the loop stop and send STOPPING=1.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -29,7 +27,7 @@ from .control import ControlServer
 from .cycle import BUSY, DONE, FAILED, INTERRUPTED, PHASE_STOPPING, CycleHost, FlashCycle, Outcome
 from .cycle import job_fields
 from .devices import BoardMonitor
-from .errors import ConfigError, KflashError
+from .errors import ConfigError, KflashError, StateWriteError
 from .models import (
     JOB_DONE,
     JOB_FAILED,
@@ -45,10 +43,14 @@ from .notify import Notifier
 from .reactor import NEVER, Reactor
 from .signals import EarlySignals
 from .staging import StagingWorker
+from .recovery import Recovery, remove_marker
 from .store import JobStore
 from .updates import Updates
 
 log = logging.getLogger("kflashd")
+
+#: Seconds between tries to write job records that a full or failing disk refused.
+STATE_RETRY = 30.0
 
 class BoardWaiter:
     """A cycle waiting for its board in a mode: same serial, and same USB port where known
@@ -93,6 +95,7 @@ class Daemon(CycleHost):
         self.monitor: Optional[BoardMonitor] = None
         self.control: Optional[ControlServer] = None
         self.commands = Commands(self)
+        self.recovery = Recovery(self)
         self.staging = StagingWorker(self.reactor)
         self.updates = Updates(self)  # `kflashctl update` batches (updates.py, batch.py)
         self.cycle: Optional[RunningCycle] = None
@@ -104,6 +107,7 @@ class Daemon(CycleHost):
         self._waiters_lock = threading.Lock()
         self._guard_timer = self.reactor.register_timer(self._guard_retry)
         self._klipper_timer = self.reactor.register_timer(self._retry_klipper_start)
+        self._state_timer = self.reactor.register_timer(self._retry_state_writes)
         # No uevent tells that a CAN link went up: while a CAN job waits for its bus, look.
         self._bus_timer = self.reactor.register_timer(self._bus_poll)
         self._klipper_starting = False  # a retry of `systemctl start` runs in a thread
@@ -118,7 +122,8 @@ class Daemon(CycleHost):
         for problem in self.store.load():
             log.error(problem)
         self.updates.load()
-        self._recover_from_crash()
+        self.recovery.start_klipper_if_marked()
+        self.recovery.settle_crashed_jobs()
         if self.stop_requested.is_set():
             # SIGTERM/SIGINT during start-up: stop before serving anything. If Klipper could
             # not be started, its marker stays and the next start tries again.
@@ -132,7 +137,7 @@ class Daemon(CycleHost):
         self.reactor.register_fd(self.monitor.fileno(), self._on_udev)
         for board in present:
             log.info(f"{board.mode} board {board.serial} ({board.mcu}) at {board.device_node}")
-        self._requeue_interrupted()
+        self.recovery.examine()
 
         self.control = ControlServer(
             self.reactor,
@@ -172,70 +177,9 @@ class Daemon(CycleHost):
             self.reactor.close()
         return self.exit_code
 
-    @property
-    def _marker_path(self) -> str:
-        return os.path.join(self.config.runtime_dir, "cycle.marker")
-
     def _max_request(self) -> int:
         # The image travels base64-encoded (4/3) inside one JSON line.
         return self.config.max_image_size * 4 // 3 + 64 * 1024
-
-    def _recover_from_crash(self) -> None:
-        """A marker means a daemon died with Klipper stopped: start Klipper before anything."""
-        from . import service
-
-        marker = self._marker_path
-        data: Dict[str, Any] = {}
-        try:
-            with open(marker, "rb") as f:
-                data = json.loads(f.read() or b"{}")
-        except FileNotFoundError:
-            marker = ""
-        except (OSError, ValueError) as e:
-            log.error(f"cycle marker {marker} unreadable ({e}); assuming a cycle was cut short")
-        if marker:
-            services = data.get("services") or self.config.klipper_services
-            log.warning(
-                f"a previous kflashd (pid {data.get('pid', '?')}) may have left Klipper stopped "
-                f"(job {data.get('job', '?')}): starting Klipper now"
-            )
-            try:
-                service.start_services(tuple(services), timeout=self.config.timeout_service,
-                                       abort=self.stop_requested)
-            except KflashError as e:
-                log.critical(
-                    f"KLIPPER IS NOT RUNNING: {e}",
-                    extra={"journal_fields": {"MESSAGE_ID": journal.MSG_KLIPPER_RESTART_FAILED}},
-                )
-                self.klipper_start_failed(None, str(e))  # retried; the marker stays till then
-            else:
-                os.unlink(marker)
-        for job in self.store.running():
-            self._finish(
-                job,
-                JOB_INTERRUPTED,
-                "interrupted: kflashd stopped during the flash; it is flashed again when the "
-                "board waits in Katapult",
-            )
-
-    def _requeue_interrupted(self, serial: Optional[str] = None) -> None:
-        """Interrupted jobs go again when their board waits in Katapult (half-flashed, most
-        likely), whenever it shows up; at start-up (`serial` None) also those interrupted
-        before anything was written, which simply wait for their board again."""
-        assert self.monitor is not None
-        for job in self.store.jobs():
-            if job.state != JOB_INTERRUPTED or (serial is not None and job.serial != serial):
-                continue
-            if self.store.queued_for(job.serial):
-                continue
-            if self.monitor.find(job.serial, MODE_KATAPULT):
-                why = "re-queued: the board waits in Katapult"
-            elif serial is None and not job.results:
-                why = "re-queued: it was interrupted before anything was written"
-            else:
-                continue
-            self.store.requeue(job, why)
-            self.log_job(logging.INFO, why, job)
 
     # ---------------------------------------------------------------- events ------
 
@@ -253,7 +197,7 @@ class Daemon(CycleHost):
             if action == "add":
                 self._wake_waiters(board)
                 if board.mode == MODE_KATAPULT and self.cycle is None:
-                    self._requeue_interrupted(board.serial)
+                    self.recovery.examine()
         if changed:
             self.schedule()
 
@@ -309,6 +253,23 @@ class Daemon(CycleHost):
         self.notifier.watchdog()
         return now + interval
 
+    def _retry_state_writes(self, now: float) -> float:
+        """Records that failed to save are written again while the disk refuses them."""
+        self.store.retry_writes()
+        self.update_status()
+        return now + STATE_RETRY if self.store.unsaved() else NEVER
+
+    def state_problem(self) -> Optional[str]:
+        """Why job records on disk lag behind (STATUS and `kflashctl status` say it)."""
+        unsaved = self.store.unsaved()
+        if not unsaved:
+            return None
+        reasons = "; ".join(sorted(set(unsaved.values())))
+        return (
+            f"cannot write to {self.config.state_dir}: {reasons} ({len(unsaved)} job record"
+            f"{'s' if len(unsaved) != 1 else ''} not saved; free space there or fix the disk)"
+        )
+
     def _guard_retry(self, now: float) -> float:
         self._guard_hold = False
         self.schedule()
@@ -332,14 +293,15 @@ class Daemon(CycleHost):
                                                                self.monitor.find(job.serial)))
                 continue
             board = self._board_for(job)
-            if board is not None:
-                self._start_cycle(job, board)
+            if board is not None and self._start_cycle(job, board):
                 break
         self.update_status()
 
     def _board_for(self, job: Job) -> Optional[Board]:
         """The job's board, if it is ready: in Katapult, or (for --now) running Klipper."""
         assert self.monitor is not None
+        if job.resume_until is not None:  # repeating an interrupted write: that board only
+            return self.recovery.board_for(job)
         for board in self.monitor.find(job.serial, MODE_KATAPULT):
             if job.fits(board):
                 return board
@@ -372,12 +334,19 @@ class Daemon(CycleHost):
         self.schedule()
         return NEVER
 
-    def _start_cycle(self, job: Job, board: Board) -> None:
+    def _start_cycle(self, job: Job, board: Board) -> bool:
+        """Start the cycle in a worker thread; False when the job could not be recorded as
+        running (then it has ended, with the reason, and no cycle runs)."""
         self.guard_wait = None
         job.state = JOB_RUNNING
         job.attempts += 1
         job.message = f"flashing {board.device_node}"
-        self.store.update(job)
+        job.write = job.write_started = job.write_port = job.write_device = None
+        try:
+            self.store.update(job)
+        except StateWriteError as e:
+            self._finish(job, JOB_FAILED, f"cannot record the start of the job: {e.reason}; nothing was touched")
+            return False
         running = RunningCycle(job, board)
         self.cycle = running
         config = self.config
@@ -398,11 +367,25 @@ class Daemon(CycleHost):
 
         running.thread = threading.Thread(target=work, name=f"flash-{job.id}", daemon=True)
         running.thread.start()
+        return True
 
     def _cycle_finished(self, running: RunningCycle, outcome: Outcome) -> None:
         if running.thread is not None:
             running.thread.join()
         self.cycle = None
+        try:
+            self._record_outcome(running, outcome)
+            self.store.retry_writes()
+            self.recovery.examine()
+        finally:
+            # Whatever failed above (a disk, a bug), a stop asked for during the cycle ends
+            # the daemon now: Klipper runs again, and systemd must not wait for its timeout.
+            if self.stopping and self.updates.running is None:
+                self.reactor.stop()
+        if not self.stopping:
+            self.schedule()
+
+    def _record_outcome(self, running: RunningCycle, outcome: Outcome) -> None:
         job = running.job
         if running.klipper_touched and not running.start_failed and self.klipper_down:
             log.warning("Klipper was started again: it is no longer down")
@@ -411,7 +394,10 @@ class Daemon(CycleHost):
             job.state = JOB_QUEUED
             job.attempts -= 1
             job.message = f"waiting: {outcome.message}"
-            self.store.update(job)
+            try:
+                self.store.update(job)
+            except StateWriteError as e:
+                log.error(f"job {job.id}: {e}")  # nothing was touched; it waits all the same
             self.guard_wait = outcome.message
             self._guard_hold = True
             self.log_job(
@@ -424,20 +410,28 @@ class Daemon(CycleHost):
             self.reactor.update_timer(
                 self._guard_timer, self.reactor.monotonic() + self.config.guard_retry
             )
-        elif outcome.kind == DONE:
-            self._finish(job, JOB_DONE, outcome.message)
         elif outcome.kind == INTERRUPTED:
-            self._finish(job, JOB_INTERRUPTED, outcome.message)
+            self._finish(job, *self.recovery.after_interruption(job, outcome.message))
         else:
-            self._finish(job, JOB_FAILED, outcome.message)
-        if self.stopping:
-            if self.updates.running is None:
-                self.reactor.stop()
-            return
-        self.schedule()
+            job.resume_until = None  # the cycle ran to its end: nothing left to repeat
+            self._finish(job, JOB_DONE if outcome.kind == DONE else JOB_FAILED, outcome.message)
 
     def _finish(self, job: Job, state: str, message: str) -> None:
-        self.store.finish(job, state, message)
+        """End `job`: record it, log it, tell its watchers. A record that cannot be written
+        (full or failing disk) ends the job all the same, failed with the reason; the
+        watchers still get their end event and the daemon goes on."""
+        try:
+            self.store.finish(job, state, message)
+        except StateWriteError as e:
+            state = JOB_FAILED if state == JOB_DONE else state
+            if "cannot record" not in message:
+                message = f"cannot record the result: {e.reason}; {message}"
+            try:
+                self.store.finish(job, state, message)  # in memory at least
+            except StateWriteError:
+                pass
+            log.error(f"job {job.id}: {e} (the job ends {state}; its record is written again later)")
+            self.reactor.update_timer(self._state_timer, self.reactor.monotonic() + STATE_RETRY)
         method = job.results[-1].method if job.results else ""
         if state == JOB_DONE:
             text = f"flash succeeded: {message}"
@@ -550,10 +544,7 @@ class Daemon(CycleHost):
         if error is None:
             log.warning("Klipper was started again: it is no longer down")
             self.klipper_down = None
-            try:
-                os.unlink(self._marker_path)
-            except FileNotFoundError:
-                pass
+            remove_marker(self.config.runtime_dir)
         else:
             log.error(f"Klipper is still down: {error}; trying again in {self.config.klipper_retry:g} s")
             self.klipper_down = error
@@ -609,6 +600,9 @@ class Daemon(CycleHost):
             text = f"Idle, {jobs}" if queued else "Idle, no jobs queued"
         if self.klipper_down:
             text += f"; KLIPPER IS DOWN: {self.klipper_down}"
+        problem = self.state_problem()
+        if problem:
+            text += f"; STATE NOT SAVED: {problem}"
         return text
 
     def update_status(self) -> None:

@@ -35,6 +35,18 @@ class QueueError(KflashError):
     """A job could not be staged, found, or changed (bad request, full disk, unknown id)."""
 
 
+class StateWriteError(QueueError):
+    """A job's record could not be written to state_dir (ENOSPC, EIO, a read-only remount).
+
+    `reason` is the system's words ("No space left on device"): the daemon ends the
+    affected job with "cannot record the result: <reason>" and keeps serving.
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class GuardError(KflashError):
     """The print guard says the printer is busy: nothing may be touched now."""
 

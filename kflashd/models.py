@@ -83,7 +83,8 @@ class Board:
 
 
 # Job states. queued -> running -> done | failed | cancelled | interrupted;
-# an interrupted job whose board waits in Katapult goes back to queued.
+# a job interrupted mid-write goes back to queued only when the same board (serial and USB
+# port) waits in Katapult within timeouts.resume (kflashd/recovery.py).
 JOB_QUEUED = "queued"
 JOB_RUNNING = "running"
 JOB_DONE = "done"
@@ -92,6 +93,12 @@ JOB_CANCELLED = "cancelled"
 JOB_INTERRUPTED = "interrupted"
 JOB_PENDING_STATES = (JOB_QUEUED, JOB_RUNNING)
 JOB_FINAL_STATES = (JOB_DONE, JOB_FAILED, JOB_CANCELLED, JOB_INTERRUPTED)
+
+# The write-ahead record of a running job (`Job.write`), each on disk (fsync) before the
+# next step: "started" before the flash tool may write a byte, "written" once the tool has
+# finished (its result is then in `Job.results`). After a crash these say what the board holds.
+WRITE_STARTED = "started"
+WRITE_DONE = "written"
 
 
 @dataclass
@@ -126,6 +133,11 @@ class Job:
     mcu_version_after: Optional[str] = None  # what Klipper reported after the flash
     version_confirmed: Optional[bool] = None
     batch: Optional[str] = None  # the `kflashctl update` batch that built and staged it
+    write: Optional[str] = None  # None, WRITE_STARTED or WRITE_DONE (of the latest attempt)
+    write_started: Optional[float] = None  # wall-clock time the write began
+    write_port: Optional[str] = None  # USB port (Board.port_path) of the board written to
+    write_device: Optional[str] = None  # its device node then, for messages
+    resume_until: Optional[float] = None  # interrupted mid-write: re-flash allowed until then
 
     def fits(self, board: "Board") -> bool:
         """Whether `board` is this job's board: its serial, and its port where bound."""

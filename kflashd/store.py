@@ -38,7 +38,7 @@ import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
-from .errors import FlashError, QueueError
+from .errors import FlashError, QueueError, StateWriteError
 from .models import (
     JOB_CANCELLED,
     JOB_FINAL_STATES,
@@ -57,7 +57,7 @@ JOB_ID_RE = re.compile(r"\A[0-9a-f]{12}\Z")
 _TMP_MARK = ".tmp-"
 
 #: States whose image must still be on disk: they may yet be flashed.
-_STATES_WITH_IMAGE = (JOB_QUEUED, JOB_RUNNING, JOB_INTERRUPTED)
+_STATES_WITH_IMAGE = (JOB_QUEUED, JOB_RUNNING)
 _ALL_STATES = (JOB_QUEUED, JOB_RUNNING) + tuple(JOB_FINAL_STATES)
 
 #: Metadata fields a job file must carry, with the JSON types they must have.
@@ -71,6 +71,14 @@ _REQUIRED_FIELDS: Dict[str, Tuple[type, ...]] = {
     "state": (str,),
 }
 _SHA256_RE = re.compile(r"\A[0-9a-f]{64}\Z")
+
+
+def needs_image(job: Job) -> bool:
+    """The job may still be flashed: queued, running, or interrupted mid-write with a resume
+    deadline (recovery.py). Every other job gives up its image."""
+    if job.state in _STATES_WITH_IMAGE:
+        return True
+    return job.state == JOB_INTERRUPTED and job.resume_until is not None
 
 #: Version of the metadata layout, written into every job file for future migrations.
 FORMAT_VERSION = 1
@@ -150,6 +158,9 @@ class JobStore:
         self.quarantine_dir = os.path.join(state_dir, "quarantine")
         self._lock = threading.RLock()
         self._jobs: Dict[str, Job] = {}
+        # Jobs whose record on disk lags behind memory (a write failed), and why: retried
+        # by `retry_writes`, shown by `kflashctl status` until then.
+        self._unsaved: Dict[str, str] = {}
 
     # ------------------------------------------------------------------ paths ------
 
@@ -173,8 +184,8 @@ class JobStore:
     def load(self) -> List[str]:
         """Read the state dir; return one line per problem found (quarantined files).
 
-        Jobs found "running" stay "running": only the daemon knows whether that means a
-        crash mid-flash (it checks its cycle marker and starts Klipper first).
+        Jobs found "running" stay "running": recovery.py decides what a crash mid-cycle
+        means (from the job's write-ahead record), after starting Klipper first.
         """
         with self._lock:
             for directory in (self.state_dir, self.jobs_dir, self.images_dir, self.quarantine_dir):
@@ -244,7 +255,7 @@ class JobStore:
             job = Job.from_dict(data)
         except (TypeError, ValueError, KeyError, AttributeError) as e:
             raise _Problem(f"fields do not form a job ({type(e).__name__}: {e})")
-        if job.state in _STATES_WITH_IMAGE:
+        if needs_image(job):
             self._verify_image_file(job)
         return job
 
@@ -314,7 +325,7 @@ class JobStore:
         for name in os.listdir(self.images_dir):
             stem = name[: -len(".bin")] if name.endswith(".bin") else ""
             job = self._jobs.get(stem)
-            if job is not None and job.state in _STATES_WITH_IMAGE:
+            if job is not None and needs_image(job):
                 continue
             try:
                 _unlink_quietly(os.path.join(self.images_dir, name))
@@ -435,13 +446,43 @@ class JobStore:
         try:
             self._write_meta(stored)
         except OSError as e:
-            raise QueueError(f"cannot save job {job.id} in {self.state_dir}: {_os_reason(e)}") from e
+            self._unsaved[job.id] = _os_reason(e)
+            raise StateWriteError(
+                f"cannot save job {job.id} in {self.state_dir}: {_os_reason(e)}", _os_reason(e)
+            ) from e
+        self._unsaved.pop(job.id, None)
+
+    def unsaved(self) -> Dict[str, str]:
+        """job id -> why its record on disk is older than the daemon's (a write failed)."""
+        with self._lock:
+            return dict(self._unsaved)
+
+    def retry_writes(self) -> None:
+        """Write again the records that failed to save (the disk may have room again);
+        a finished job's image goes once its final state is on disk."""
+        with self._lock:
+            for job_id in list(self._unsaved):
+                job = self._jobs.get(job_id)
+                if job is None:
+                    self._unsaved.pop(job_id, None)
+                    continue
+                try:
+                    self._write_meta(job)
+                except OSError as e:
+                    self._unsaved[job_id] = _os_reason(e)
+                    continue
+                del self._unsaved[job_id]
+                if not needs_image(job):
+                    self._remove_image(job_id)
 
     def finish(self, job: Job, state: str, message: str) -> None:
         """Give `job` its final state and message, persist it, then drop its staged image.
 
-        Interrupted jobs keep the image: they are flashed again when the board waits in
-        Katapult. The metadata stays as history until `prune`.
+        A job interrupted mid-write with a resume deadline keeps the image (it may be
+        flashed again onto the same board); every other one gives it up, after the final
+        state is on disk. The metadata stays as history until `prune`. When the write
+        fails, the in-memory record is final all the same (StateWriteError says the disk
+        lags behind) and the image stays until the next `load`.
         """
         if state not in JOB_FINAL_STATES:
             raise ValueError(f"not a final job state: {state!r}")
@@ -456,7 +497,7 @@ class JobStore:
         job.message = message
         job.updated = time.time()
         self._store_and_write(job)  # image removal only after the final state is on disk
-        if state != JOB_INTERRUPTED:
+        if not needs_image(job):
             self._remove_image(job.id)
 
     def requeue(self, job: Job, message: str) -> None:
@@ -466,7 +507,7 @@ class JobStore:
             current = self._jobs.get(job.id)
             if current is None:
                 raise QueueError(f"no such job: {job.id}")
-            if current.state not in (JOB_INTERRUPTED, JOB_RUNNING, JOB_QUEUED):
+            if current.state not in (JOB_INTERRUPTED, JOB_RUNNING, JOB_QUEUED) or not needs_image(current):
                 raise QueueError(f"job {job.id} is already {current.state}; it cannot be queued again")
             # A missing or damaged image is not checked here: read_image() refuses it before
             # the flash with a message the user can act on, and start-up must not fail on it.
@@ -496,10 +537,16 @@ class JobStore:
         finished = self._history_locked()
         removed = False
         for job in finished[max(self.history_limit, 0):]:
+            if needs_image(job):
+                continue  # may still be flashed again (recovery.py ends it first)
             # Metadata first: without it an image is an orphan that load() removes anyway.
-            _unlink_quietly(self._meta_path(job.id))
-            _unlink_quietly(self._image_path(job.id))
+            try:
+                _unlink_quietly(self._meta_path(job.id))
+                _unlink_quietly(self._image_path(job.id))
+            except OSError:
+                continue  # a read-only or failing disk: history is kept, tried again later
             del self._jobs[job.id]
+            self._unsaved.pop(job.id, None)
             removed = True
         if removed:
             for directory in (self.jobs_dir, self.images_dir):

@@ -294,7 +294,14 @@ class Updates(BatchHost):
     def job_finished(self, job: Job, outcome: Outcome) -> None:
         state = {DONE: JOB_DONE, INTERRUPTED: JOB_INTERRUPTED}.get(outcome.kind, JOB_FAILED)
         record = copy.deepcopy(job)
-        self._on_loop(lambda: self.daemon._finish(record, state, outcome.message))
+
+        def finish() -> None:
+            if state == JOB_INTERRUPTED:  # what the write record allows (recovery.py)
+                self.daemon._finish(record, *self.daemon.recovery.after_interruption(record, outcome.message))
+            else:
+                self.daemon._finish(record, state, outcome.message)
+
+        self._on_loop(finish)
 
     def wait_for_board(self, serial: str, mode: Union[str, Tuple[str, ...]], timeout: float, abort: threading.Event,
                        port: Optional[str] = None) -> Optional[Board]:

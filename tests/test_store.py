@@ -37,7 +37,7 @@ from kflashd.models import (
     FlashResult,
     Job,
 )
-from kflashd.store import JOB_ID_RE, JobStore, atomic_write
+from kflashd.store import JOB_ID_RE, JobStore, atomic_write, needs_image
 
 _created = itertools.count(1_700_000_000)
 
@@ -170,7 +170,11 @@ def test_survives_reload(store, state_dir):
     done.version_confirmed = True
     store.finish(done, JOB_DONE, "flashed via katapult in 3.5 s")
     interrupted, interrupted_image, _ = stage(store, "S4")
-    store.finish(interrupted, JOB_INTERRUPTED, "interrupted: kflashd is stopping")
+    interrupted.write, interrupted.write_port, interrupted.write_started = "started", "1-1.2", time.time()
+    interrupted.resume_until = time.time() + 3600
+    store.finish(interrupted, JOB_INTERRUPTED, "interrupted mid-write")
+    nothing_written, _, _ = stage(store, "S5")
+    store.finish(nothing_written, JOB_INTERRUPTED, "interrupted, nothing written")
     before = {j.id: j.to_dict() for j in store.jobs()}
 
     again, problems = reload(state_dir)
@@ -180,10 +184,12 @@ def test_survives_reload(store, state_dir):
     # Running stays running: the daemon decides what a crash mid-flash means.
     assert [j.id for j in again.running()] == [running.id]
     assert again.read_image(queued) == queued_image
-    # Finished jobs give up their image, interrupted ones keep it (they may run again).
+    # Finished jobs give up their image; one interrupted mid-write keeps it while it may be
+    # repeated (a resume deadline), one interrupted before the write does not.
     assert not os.path.exists(again.image_path(done))
     assert again.read_image(interrupted) == interrupted_image
-    assert [j.id for j in again.history()] == [interrupted.id, done.id]
+    assert not os.path.exists(again.image_path(nothing_written))
+    assert [j.id for j in again.history()] == [nothing_written.id, interrupted.id, done.id]
 
 
 def test_requeue_keeps_attempts_and_image(store, state_dir):
@@ -191,6 +197,7 @@ def test_requeue_keeps_attempts_and_image(store, state_dir):
     job.state = JOB_RUNNING
     job.attempts = 1
     store.update(job)
+    job.resume_until = time.time() + 3600
     store.finish(job, JOB_INTERRUPTED, "interrupted")
     store.requeue(job, "re-queued: its board waits in Katapult")
     again, _ = reload(state_dir)
@@ -398,8 +405,8 @@ def test_bad_job_files_are_quarantined_and_the_rest_served(store, state_dir):
     flipped = fake("T12", bytes(100))
     _write(os.path.join(images_dir, flipped + ".bin"), bytes(99) + b"\x01")
     bad[flipped + ".json"] = "does not match its sha256"
-    # An interrupted job must still have its image (it may be re-queued).
-    interrupted = fake("T13", os.urandom(10), state=JOB_INTERRUPTED)
+    # A job interrupted mid-write must still have its image (it may be repeated).
+    interrupted = fake("T13", os.urandom(10), state=JOB_INTERRUPTED, resume_until=time.time() + 60)
     os.unlink(os.path.join(images_dir, interrupted + ".bin"))
     bad[interrupted + ".json"] = "is missing"
     _write(os.path.join(jobs_dir, "evil.json"), json.dumps(good_meta).encode())
@@ -787,7 +794,7 @@ def _assert_consistent(state_dir: str, known: Dict[str, bytes], history_limit: i
     for job_id in known:
         store.get(job_id)  # raises if a committed job was lost
     images = set(os.listdir(os.path.join(state_dir, "images")))
-    assert images == {j.id + ".bin" for j in store.jobs() if j.state in (JOB_QUEUED, JOB_INTERRUPTED)}
+    assert images == {j.id + ".bin" for j in store.jobs() if needs_image(j)}
     return store
 
 

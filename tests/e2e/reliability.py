@@ -36,7 +36,7 @@ ENV_OUT = "KFLASHD_RELIABILITY_OUT"
 JSONL_NAME = "reliability.jsonl"
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DOC = REPO / "docs" / "reliability.md"
-SUITE = ["tests/e2e/test_faults.py", "tests/e2e/test_cycle.py", "tests/e2e/test_loop.py"]
+SUITE = ["tests/e2e/test_faults.py", "tests/e2e/test_crash.py", "tests/e2e/test_cycle.py", "tests/e2e/test_loop.py"]
 
 #: Faults whose end-to-end test lives in test_cycle.py (owned elsewhere, not duplicated in
 #: test_faults.py). These tests do not record observed values, so the row shows what the test
@@ -46,11 +46,11 @@ COVERED_ELSEWHERE: List[Dict[str, str]] = [
         "test": "tests/e2e/test_cycle.py::test_sigkill_mid_flash_restarts_klipper_then_reflashes",
         "fault": "SIGKILL to kflashd",
         "injected": "mid-flash (write phase, slow board)",
-        "klipper": "asserted: started by the next kflashd at start-up (cycle marker), running at the end",
-        "job": "asserted: re-queued (board waits in Katapult) and flashed again: done, attempts 2, image byte-exact",
+        "klipper": "asserted: started by the next kflashd's start-up recovery (cycle marker) with the board away, running at the end",
+        "job": "asserted: interrupted mid-write (write record \"started\", resume deadline); the same board back in Katapult: flashed again, done, attempts 2, image byte-exact",
         "evidence": "asserted: the flash tool's process group gone within 5 s of the SIGKILL (pdeath "
-                    "wrapper) and no COMPLETE sent to the half-written board; systemctl start before "
-                    "anything else, job attempts == 2",
+                    "wrapper) and no COMPLETE sent to the half-written board; the only systemctl "
+                    "verb after the restart is start, job attempts == 2",
     },
     {
         "test": "tests/e2e/test_cycle.py::test_sigterm_mid_flash_stops_tool_starts_klipper",
@@ -217,7 +217,7 @@ def render(records: List[Dict[str, Any]], results: Dict[str, str], command: str,
             _cell(r["evidence"]), f"`{_short(r['test'])}`", results.get(r["test"], "not run"),
         ]) + " |")
     missing = [t for t, outcome in results.items()
-               if t.startswith(("tests/e2e/test_faults.py", "tests/e2e/test_loop.py")) and t not in seen]
+               if t.startswith(("tests/e2e/test_faults.py", "tests/e2e/test_loop.py", "tests/e2e/test_crash.py")) and t not in seen]
     for test in missing:
         lines.append(f"| (no record) | | | | | `{_short(test)}` | {results[test]} |")
     lines += MEMORY_SECTION

@@ -220,15 +220,25 @@ def test_sigkill_mid_flash_restarts_klipper_then_reflashes(make_daemon, farm, st
     # a broken pipe) would send COMPLETE, and the half-written board would boot it.
     board = farm.board(SERIAL)
     assert board["completes"] == 0 and board["mode"] == "katapult", board["completes"]
+    # The board is away while the new daemon starts: only its start-up recovery (the cycle
+    # marker) can start Klipper now, no re-flash cycle can do it in its place.
+    farm.unplug(SERIAL)
     farm.set_fault(SERIAL, None)
+    verbs_before = len(standins.systemctl_verbs())
     daemon.start_ready(notify_socket)
-    # Klipper is started at once by the new daemon (crash marker), before anything else.
-    wait_until(lambda: printer.running or standins.systemctl_verbs()[-1:] == ["start"], 10, "Klipper started")
+    wait_until(lambda: printer.running, 10, "Klipper started by the new daemon's recovery")
+    assert standins.systemctl_verbs()[verbs_before:] == ["start"]
+    job = daemon.job(job_id)
+    assert job["state"] == "interrupted" and "interrupted mid-write" in job["message"], job
+    assert job["write"] == "started" and job["resume_until"] is not None, job
+
+    # The same board (same USB port) back in Katapult: the cut-short write is repeated.
+    farm.plug(SERIAL)
     job = daemon.wait_job(job_id, ["done", "failed"], timeout=60)
     assert job["state"] == "done", job["message"]
     assert job["attempts"] == 2
     assert farm.flashed_image(SERIAL, len(padded(big))) == padded(big)
-    assert printer.running
+    wait_until(lambda: printer.running, 10, "Klipper running after the re-flash")
 
 
 def test_sigterm_mid_flash_stops_tool_starts_klipper(make_daemon, farm, standins, notify_socket):

@@ -652,17 +652,23 @@ def test_sigterm_while_klipper_stops_leaves_the_board_alone(scene, farm, standin
     klipper = s.klipper_running()
     state = json.loads((s.daemon.state_dir / "jobs" / f"{job_id}.json").read_text())
     assert state["state"] == "interrupted" and state["results"] == [], state
+    assert state["message"].startswith("interrupted, nothing written"), state
 
-    # Nothing was written: the next daemon puts the job back in the queue, and it runs.
+    # Nothing was written, and the job stays ended: a restart never flashes it later on its
+    # own (its owner queues it again if it is still wanted). The start-up examination and
+    # first scheduling run before READY=1, so the status reply already reflects them.
     standins.set("systemctl", {})
     s.daemon.start_ready(notify_socket)
-    job = s.daemon.wait_job(job_id, ["done", "failed"], timeout=30)
-    assert job["state"] == "done", job
-    assert farm.board(SERIAL)["bootloader_requests"] == 1
+    job = s.daemon.job(job_id)
+    assert job["state"] == "interrupted" and "nothing written" in job["message"], job
+    assert s.daemon.ctl_json("status")["current"] is None
+    assert farm.board(SERIAL)["bootloader_requests"] == 0
+    assert standins.calls("flashtool") == []
     s.nothing_lost(job_id)
-    s.record("SIGTERM while `systemctl stop klipper` runs (--now job)", "before the bootloader request",
-             klipper, job, f"board never asked to reboot (0 requests) before the stop; "
-             f"{s.log_line('re-queued: it was interrupted before anything was written')}")
+    s.record("SIGTERM while `systemctl stop klipper` runs (--now job), then kflashd restarted",
+             "before the bootloader request", klipper, job,
+             f"board never asked to reboot (0 requests), no flash tool run, not re-queued after "
+             f"the restart; {s.log_line('interrupted, nothing written')}")
 
 
 def test_interrupted_job_goes_again_when_its_board_returns(scene, farm, standins, notify_socket):
@@ -683,7 +689,7 @@ def test_interrupted_job_goes_again_when_its_board_returns(scene, farm, standins
     klipper = s.klipper_running()
     s.nothing_lost(job_id)
     s.record("kflashd stopped mid-flash, board unplugged, daemon restarted, board back later",
-             "mid-flash", klipper, job, s.log_line("re-queued: the board waits in Katapult"))
+             "mid-flash", klipper, job, s.log_line("re-queued: the board it was writing to"))
 
 
 def test_failed_klipper_start_survives_a_daemon_restart(scene, farm, standins, image, notify_socket):
