@@ -7,6 +7,7 @@ boards appear, reboot and take firmware the way real ones do, with no hardware.
 - ``klipper_app``: a board running "Klipper" (1200-baud bootloader request, version query).
 - ``images``: fake ``klipper.bin`` / ``klipper.dict`` builders.
 - ``controller``: the process that owns the umockdev testbed (runs under umockdev-wrapper).
+- ``bridge`` / ``canbus``: USB-to-CAN bridges (606f + can0) and the CAN nodes behind them.
 - ``client``: ``BoardFarm``, the API tests and the demo use to drive the controller.
 - ``fake_klipper``: the stand-in Klipper service (holds board ports, serves the API socket).
 - ``fixtures``: pytest fixtures and helpers.
