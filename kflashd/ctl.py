@@ -300,16 +300,17 @@ def print_devices(boards: List[Dict[str, Any]], as_json: bool) -> int:
     if not boards:
         print("no Klipper or Katapult boards connected")
         return EXIT_OK
-    print(f"{'DEVICE':<14}  {'MODE':<9}  {'MCU':<14}  {'SERIAL':<26}  {'PORT':<9}  {'NAME':<12}  QUEUED")
+    print(f"{'DEVICE':<14}  {'MODE':<10}  {'MCU':<14}  {'SERIAL':<26}  {'PORT':<9}  {'NAME':<12}  QUEUED")
     for b in boards:
-        print(f"{b['device_node']:<14}  {b['mode']:<9}  {b['mcu']:<14}  {b['serial']:<26}  "
+        print(f"{b['device_node']:<14}  {b['mode']:<10}  {b['mcu']:<14}  {b['serial']:<26}  "
               f"{b.get('port_path') or '-':<9}  {b.get('name') or '-':<12}  {b.get('queued_job') or '-'}")
         for link in (b.get("by_id"), b.get("by_path")):
             if link:
                 print(f"{'':<14}  {link}")
         if b.get("interface_state"):
             role = "bus" if b["mode"] == "can_bridge" else "on"
-            print(f"{'':<14}  {role} {b['interface']}: {b['interface_state']}, canbus_uuid {b.get('canbus_uuid')}")
+            print(f"{'':<14}  {role} {b.get('interface') or 'no CAN interface'}: {b['interface_state']}, "
+                  f"canbus_uuid {b.get('canbus_uuid')}")
     return EXIT_OK
 
 
@@ -330,7 +331,8 @@ def print_status(reply: Dict[str, Any], as_json: bool) -> int:
         print(f"  KLIPPER IS NOT RUNNING: {reply['klipper_down']} (try: sudo systemctl start klipper)")
     if reply.get("state_problem"):
         print(f"  JOB RECORDS NOT SAVED: {reply['state_problem']}")
-    print(f"  boards connected: {len(reply.get('boards', []))} (kflashctl devices)")
+    connected = [b for b in reply.get("boards", []) if b.get("mode") != "can_node"]  # CAN nodes: configured
+    print(f"  boards connected: {len(connected)} (kflashctl devices)")
     return EXIT_OK
 
 
