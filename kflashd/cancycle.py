@@ -8,7 +8,10 @@ Run in the cycle's worker thread; the order stays `FlashCycle.run()`'s. What is 
   lists the nodes waiting for a node id; one sitting in Katapult is asked `-s` (connect
   only: no write, no COMPLETE) for its MCU, which must match the image's. A node running
   Klipper does not answer -s; then the configured `mcu` (boards.NAME.mcu) is the check, and
-  flashtool's own klipper.bin check runs again once the node is in Katapult.
+  flashtool's own klipper.bin check runs again once the node is in Katapult. The query is
+  safe while Klipper runs: Klipper's canserial knows the admin commands 0x00-0x02 only
+  (query, set node id, reboot to bootloader), so the query's "clear node ids" (0x12) does not
+  touch its nodes, and a node Klipper has assigned does not answer the query at all.
 - A bridge running Klipper (1d50:606f) is sent to Katapult over its own bus with
   `flashtool.py -i IFACE -u UUID -r` while Klipper is stopped; it comes back on USB as
   1d50:6177 and is flashed over that tty as any USB board. If it comes back as something
