@@ -34,7 +34,7 @@ from .config import BoardConfig, Config
 from .cycle import DONE, FAILED, INTERRUPTED, PHASE_STARTING, PHASE_STOPPING, CycleHost, FlashCycle, Outcome
 from .errors import KflashError, ServiceError
 from .klipper_stop import KlipperStop
-from .models import KLIPPER_MODES, MODE_KATAPULT, MODE_KLIPPER, Board, Job
+from .models import JOB_QUEUED, KLIPPER_MODES, MODE_KATAPULT, MODE_KLIPPER, Board, Job
 from .store import JobStore
 
 # Kinds of board, by what carries them (see flash_order).
@@ -241,7 +241,7 @@ class BatchRun(CycleHost):
             if board.state not in BOARD_FINAL and board.state != B_QUEUED:
                 board.state, board.phase, board.percent = B_NOT_FLASHED, "", None
                 board.message = board.message or "not flashed: kflashd is stopping"
-        if self.abort.is_set() and any(b.state in (B_QUEUED, B_INTERRUPTED) for b in batch.boards):
+        if self.abort.is_set():
             batch.state = S_INTERRUPTED
         elif any(b.state in (B_FAILED, B_BUILD_FAILED, B_NOT_FLASHED, B_INTERRUPTED) for b in batch.boards):
             batch.state = S_FAILED
@@ -386,6 +386,10 @@ class BatchRun(CycleHost):
     def _prepare(self, board: BatchBoard, job: Job) -> Optional[Tuple[BatchBoard, Job, FlashCycle, str]]:
         """Everything that can refuse a board before the stop (read-only, Klipper running):
         the board is there, the image suits it, the CAN bus is up, the staged bytes are whole."""
+        current = self.store.get(job.id)
+        if current.state != JOB_QUEUED:  # cancelled, or replaced by a `queue` for the board
+            self._not_flashed(board, job, f"not flashed: its job {job.id} was {current.state} ({current.message})")
+            return None
         present = self._find(board)
         if present is None:
             # Not connected now: its job stays queued and waits for the board in Katapult.
@@ -430,8 +434,12 @@ class BatchRun(CycleHost):
     def _flash_one(self, board: BatchBoard, job: Job, cycle: FlashCycle, image_path: str) -> Outcome:
         board.state, board.phase, board.percent = B_FLASHING, "", None
         self._changed()
-        self.host.job_running(job, cycle.board)
-        outcome = cycle.flash_in_stop(image_path)
+        try:
+            self.host.job_running(job, cycle.board)
+        except KflashError as e:  # no record of the flash's start: write nothing (fail closed)
+            outcome = Outcome(FAILED, f"not flashed: {e}")
+        else:
+            outcome = cycle.flash_in_stop(image_path)
         board.phase, board.percent = "", None
         board.state = {DONE: B_DONE, INTERRUPTED: B_INTERRUPTED}.get(outcome.kind, B_FAILED)
         board.message = outcome.message

@@ -280,6 +280,7 @@ class Commands:
                 j.to_dict() for j in self.daemon.store.history(10000)
                 if j.state == JOB_INTERRUPTED and j.resume_until is not None
             ],
+            "update": self.daemon.updates.running.batch.to_dict() if self.daemon.updates.running else None,
             "printer_busy": self.daemon.guard_wait,
             "boards": self._boards_reply(),
             "version": __version__,

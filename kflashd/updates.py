@@ -281,15 +281,16 @@ class Updates(BatchHost):
         return not abort.is_set()
 
     def job_running(self, job: Job, board: Board) -> None:
-        def update() -> None:
-            job.state = JOB_RUNNING
-            job.attempts += 1
-            job.message = f"flashing {board.device_node}"
-            self.daemon.store.update(job)
-            self.daemon.log_job(logging.INFO, f"flash started: {board.mode} board at {board.device_node}",
-                                job, message_id=journal.MSG_FLASH_STARTED)
-
-        self._on_loop(update)
+        # Written here, in the worker, before the flash (the store has its own lock): while
+        # Klipper is down the batch does not wait for the loop; the log line follows.
+        job.state = JOB_RUNNING
+        job.attempts += 1
+        job.message = f"flashing {board.device_node}"
+        self.daemon.store.update(job)
+        record = copy.deepcopy(job)
+        self.daemon.reactor.call_soon_threadsafe(lambda: self.daemon.log_job(
+            logging.INFO, f"flash started: {board.mode} board at {board.device_node}", record,
+            message_id=journal.MSG_FLASH_STARTED))
 
     def job_finished(self, job: Job, outcome: Outcome) -> None:
         state = {DONE: JOB_DONE, INTERRUPTED: JOB_INTERRUPTED}.get(outcome.kind, JOB_FAILED)
