@@ -15,7 +15,10 @@ tool in the background and waits for it: when SIGUSR2 comes it SIGKILLs the whol
 (the tool and anything the tool started); otherwise it exits as the tool did (a tool
 killed by signal N makes the shell kill itself with N, so callers see "killed by ..."; a
 tool that exits with status 128+N on its own is reported the same way). A SIGTERM from the
-daemon's kill_group() reaches the whole group, the shell included.
+daemon's kill_group() reaches the whole group; the shell outlives it until the tool has
+ended and been reaped by it (an orphaned tool would be left to init to reap), so the tool's
+own exit is what the daemon sees. The shell's own messages ("Terminated") go nowhere: the
+tool's stderr is the caller's, the shell's is /dev/null.
 
 Both are small C programs (a couple of milliseconds per child, where a Python supervisor
 cost tens), and neither needs a file of this checkout, so they run as any user (the
@@ -32,10 +35,16 @@ from typing import List, Sequence
 SCRIPT = """trap 'kill -KILL 0' USR2
 [ "$PPID" = "$1" ] || kill -KILL 0
 shift
-"$@" &
-wait $!
-rc=$?
-trap - USR2
+exec 3>&2 2>/dev/null
+"$@" 2>&3 3>&- &
+child=$!
+trap : TERM
+while :; do
+  wait "$child"
+  rc=$?
+  kill -0 "$child" 2>/dev/null || break
+done
+trap - USR2 TERM
 if [ "$rc" -gt 128 ] && [ "$rc" -lt 160 ]; then kill -$((rc - 128)) $$; fi
 exit "$rc"
 """

@@ -60,7 +60,9 @@ def test_started_after_flash_timeout(standins: Standins, tmp_path: Path) -> None
     assert not result.success and "timed out" in (result.error_message or "")
     assert_stop_then_start(standins)
     flash = standins.calls("flashtool")[0]
-    assert standins.calls("systemctl", verb="start")[-1]["monotonic"] > flash["monotonic"] + 0.9
+    # Started only once the 1 s flash timeout had passed. The tool's record is taken after its
+    # interpreter start-up (and the pdeath wrapper's exec), so allow that much of the second.
+    assert standins.calls("systemctl", verb="start")[-1]["monotonic"] > flash["monotonic"] + 0.6
 
 
 def test_started_after_keyboard_interrupt(standins: Standins) -> None:
