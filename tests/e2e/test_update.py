@@ -121,9 +121,11 @@ def test_update_all_rebuilds_skips_and_flashes_in_one_stop(rig_factory, farm, st
     # flaky's flash fails half-way through the batch: the boards after it are still flashed.
     boards = {"octopus": BOARDS["octopus"], "flaky": ("5D0032000B50535556323422", "stm32h723xx", "katapult"),
               "spider": BOARDS["spider"], "ebb": BOARDS["ebb"],
-              "broken": ("4C0031000A50535556323421", "stm32g0b1xx", "klipper")}
+              "broken": ("4C0031000A50535556323421", "stm32g0b1xx", "klipper"),
+              "wrongmcu": ("6E0033000C50535556323423", "stm32g0b1xx", "klipper")}
+    # wrongmcu's saved kconfig is for another MCU: its image gets the checks of `queue`.
     rig = rig_factory(boards=boards, journal_socket=journald.socket,
-                      kconfig_options={"broken": {"kflashd_test_fail": "y"}})
+                      kconfig_options={"broken": {"kflashd_test_fail": "y"}, "wrongmcu": {"MCU": "\"stm32f103xe\""}})
     # ebb already runs what the tree builds now: it is current.
     ebb_serial = BOARDS["ebb"][0]
     farm.set_fault(boards["flaky"][0], "silent")
@@ -135,8 +137,10 @@ def test_update_all_rebuilds_skips_and_flashes_in_one_stop(rig_factory, farm, st
     assert result.returncode == 1, result.stdout + result.stderr  # one board failed, one did not build
     states = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()[-len(boards):]}
     assert states == {"octopus": "done", "spider": "done", "ebb": "skipped", "broken": "build",
-                      "flaky": "failed"}, result.stdout
+                      "flaky": "failed", "wrongmcu": "build"}, result.stdout
     assert "error: 'CONFIG_CLOCK_FREQ' undeclared" in result.stdout
+    assert "not staged: image is built for stm32f103xe but" in result.stdout, result.stdout
+    assert farm.board(boards["wrongmcu"][0])["bootloader_requests"] == 0
     # One stop of Klipper for the whole batch, and Klipper runs at the end.
     verbs = [v for v in standins.systemctl_verbs() if v in ("stop", "start")]
     assert verbs == ["start", "stop", "start"], verbs  # the first start is the rig's own boot
