@@ -7,6 +7,7 @@ run in file order (install, use, crash, uninstall), as an admin would on one hos
 """
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -76,6 +77,8 @@ def teardown(machine: Machine, farm: Optional[BoardFarm]) -> None:
         print(f"--- console ({machine.console_log}) ---\n{machine.console()}")
         if farm is not None:
             print(f"--- farm controller log ---\n{farm.log_text()[-3000:]}")
+        if not machine.mounted:
+            shutil.rmtree(machine.workdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

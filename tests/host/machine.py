@@ -10,7 +10,9 @@ SIGTERM to nspawn (a clean poweroff inside) and SIGKILL after a timeout, then un
 from __future__ import annotations
 
 import os
+import secrets
 import shlex
+import shutil
 import signal
 import subprocess
 import time
@@ -32,10 +34,11 @@ class CommandError(AssertionError):
 class Machine:
     """One booted container on an overlay of ``rootfs``; its files live under ``workdir``."""
 
-    def __init__(self, rootfs: Path, workdir: Path, name: str = "kflashd-host") -> None:
+    def __init__(self, rootfs: Path, workdir: Path, name: Optional[str] = None) -> None:
         self.rootfs = rootfs
         self.workdir = workdir
-        self.name = name
+        # Unique: nspawn keeps per-name state in /run even with --register=no.
+        self.name = name or f"kflashd-host-{secrets.token_hex(3)}"
         self.upper = workdir / "upper"
         self.root = workdir / "root"  # the merged view: the machine's "/" seen from here
         self.console_log = workdir / "console.log"
@@ -101,6 +104,13 @@ class Machine:
             else:
                 subprocess.run(["umount", "-l", str(self.root)], capture_output=True, timeout=30)
             self._mounted = False
+            # The overlay's upper layer holds the whole install (a venv): do not fill /tmp.
+            for d in (self.upper, self.workdir / "overlay-work"):
+                shutil.rmtree(d, ignore_errors=True)
+
+    @property
+    def mounted(self) -> bool:
+        return self._mounted
 
     def console(self, lines: int = 60) -> str:
         try:
