@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, TextIO, Tuple
 
-from .batch import BOARD_FINAL
+from .batch_records import BOARD_FINAL
 from .control import ControlClient
 
 # Exit codes as kflashctl's (ctl.py).

@@ -23,7 +23,8 @@ import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
 from . import journal, staging
-from .batch import BATCH_FINAL, S_INTERRUPTED, S_WAITING, Batch, BatchBoard, BatchHost, BatchRun, new_batch
+from .batch import BatchHost, BatchRun
+from .batch_records import BATCH_FINAL, S_INTERRUPTED, S_WAITING, Batch, BatchBoard, new_batch
 from .build import BuildResult
 from .cycle import DONE, INTERRUPTED, Outcome
 from .errors import QueueError

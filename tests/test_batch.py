@@ -1,6 +1,6 @@
 """The batch's order over board kinds: CAN toolheads, USB boards, the USB-to-CAN bridge last."""
 
-from kflashd.batch import KIND_CAN_BRIDGE, KIND_CAN_TOOLHEAD, KIND_USB, board_kind, flash_order, new_batch
+from kflashd.batch_records import KIND_CAN_BRIDGE, KIND_CAN_TOOLHEAD, KIND_USB, board_kind, flash_order, new_batch
 from kflashd.config import BoardConfig
 
 

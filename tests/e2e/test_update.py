@@ -24,7 +24,6 @@ from kflashd.devices import serial_from_by_id
 from tests.e2e.conftest import Printer
 from tests.e2e.harness import KflashdProcess, wait_until
 from tests.farm.fixtures import write_printer_state
-from tests.farm.images import find_dict
 from tests.standins.fixtures import klipper_tree_update, make_klipper_tree, write_kconfig
 
 pytestmark = pytest.mark.e2e
