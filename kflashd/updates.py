@@ -58,6 +58,7 @@ class Updates(BatchHost):
         self.daemon = daemon
         self.running: Optional[RunningBatch] = None
         self.directory = os.path.join(daemon.config.state_dir, "batches")
+        self._start_failed = False  # the running batch's start of Klipper failed
 
     # ---------------------------------------------------------------- records ------
 
@@ -65,7 +66,7 @@ class Updates(BatchHost):
         """A batch left unfinished by a stopped or crashed daemon ends "interrupted"; its
         staged jobs stay queued (flashed when their board waits in Katapult)."""
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        for batch in self.history(KEEP_BATCHES):
+        for batch in self.history(10 * KEEP_BATCHES):
             if batch.state not in BATCH_FINAL:
                 batch.state = S_INTERRUPTED
                 batch.message = "interrupted: kflashd stopped during the update; " + batch.summary()
@@ -87,12 +88,15 @@ class Updates(BatchHost):
             except (OSError, ValueError, TypeError, KeyError) as e:
                 log.warning(f"batch record {name} unreadable: {e}")
         batches.sort(key=lambda b: b.created, reverse=True)
-        for old in batches[KEEP_BATCHES:]:
+        return batches[:limit]
+
+    def _prune(self) -> None:
+        """Keep the records of the newest KEEP_BATCHES updates (their jobs prune themselves)."""
+        for old in self.history(10 * KEEP_BATCHES)[KEEP_BATCHES:]:
             try:
                 os.unlink(os.path.join(self.directory, f"{old.id}.json"))
             except OSError:
                 pass
-        return batches[:limit]
 
     def _save(self, batch: Batch) -> None:
         try:
@@ -165,12 +169,11 @@ class Updates(BatchHost):
             log.warning("Klipper was started again: it is no longer down")
             self.daemon.klipper_down = None
         self._start_failed = False
+        self._prune()
         if self.daemon.stopping and self.daemon.cycle is None:
             self.daemon.reactor.stop()
             return
         self.daemon.schedule()
-
-    _start_failed = False
 
     def abort(self) -> bool:
         """Stop signal: end the batch after the board being written. True if one runs."""
