@@ -172,7 +172,9 @@ def test_update_all_rebuilds_skips_and_flashes_in_one_stop(rig_factory, farm, st
     assert any("update started" in e["MESSAGE"] for e in entries), entries
     assert {e.get("KFLASHD_JOB") for e in entries if e.get("KFLASHD_JOB")} == {j["id"] for j in jobs}
     # STATUS followed the batch board by board.
-    assert any(s.startswith("Updating ") and "%" in s for s in notify_socket.statuses()), notify_socket.statuses()
+    statuses = notify_socket.statuses()
+    assert any(re.fullmatch(r"Updating 1/6: octopus \d+%", s) for s in statuses), statuses
+    assert any(re.fullmatch(r"Updating 3/6: spider \d+%", s) for s in statuses), statuses
 
 
 def rig_ebb_current(rig: UpdateRig, farm) -> None:
