@@ -9,6 +9,7 @@ down that the copies those users get are theirs to run; .ci/run runs the whole s
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -56,3 +57,25 @@ def test_nobody_runs_kflashctl_and_the_make_standin(standins: Standins) -> None:
 
     tool = subprocess.run([public.python(), str(FLASHTOOL), "--help"], **as_nobody)
     assert tool.returncode == 0 and "-d" in tool.stdout, tool.stderr
+
+
+def test_trees_of_dead_processes_are_removed_others_kept() -> None:
+    # A run killed outright (SIGKILL, a timeout's SIGTERM) never ran its atexit.
+    child = subprocess.Popen(["sleep", "30"])
+    dead_owner = public._identity(child.pid)
+    child.kill()
+    child.wait()
+    trees = {}
+    for name, owner in (("dead", dead_owner), ("live", public._identity(os.getpid())), ("unowned", None)):
+        trees[name] = Path(tempfile.mkdtemp(prefix=public.PREFIX))
+        if owner is not None:
+            (trees[name] / public.OWNER_FILE).write_text(owner + "\n")
+    try:
+        assert dead_owner and public._identity(child.pid) != dead_owner
+        public._remove_orphans()
+        assert not trees["dead"].exists()
+        assert trees["live"].exists() and trees["unowned"].exists()
+        assert public.root().exists()  # this run's own tree is live
+    finally:
+        for tree in trees.values():
+            shutil.rmtree(tree, ignore_errors=True)

@@ -63,11 +63,46 @@ def _open_up(top: Path) -> None:
             os.chmod(path, 0o755 if mode & stat.S_IXUSR else 0o644)
 
 
+PREFIX = "kflashd-public-"
+OWNER_FILE = ".owner"  # "PIDNS PID START" of the process that made the tree
+
+
+def _identity(pid: int) -> str:
+    """"PIDNS PID START" of a live process, or "" if there is no such process.
+
+    The start time (clock ticks since boot) tells a live owner from a later process given
+    the same pid; the pid namespace tells whether the pid means anything here at all.
+    """
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+        with open(f"/proc/{pid}/stat") as f:
+            return f"{namespace} {pid} {f.read().rsplit(')', 1)[1].split()[19]}"
+    except (OSError, IndexError):
+        return ""
+
+
+def _remove_orphans() -> None:
+    """Remove trees whose process died without its atexit (SIGKILL, a timeout's SIGTERM)."""
+    namespace = os.readlink("/proc/self/ns/pid")
+    for tree in Path(tempfile.gettempdir()).glob(PREFIX + "*"):
+        try:
+            owner_ns, pid, start = (tree / OWNER_FILE).read_text().split()
+            if owner_ns != namespace:
+                continue  # another pid namespace's process: not ours to judge
+            gone = _identity(int(pid)) != f"{owner_ns} {pid} {start}"
+        except (OSError, ValueError):
+            continue  # being made right now, or not a tree this module wrote
+        if gone:
+            shutil.rmtree(tree, ignore_errors=True)
+
+
 @functools.lru_cache(maxsize=None)
 def root() -> Path:
     """The public tree: kflashd/, standins/ (bin/, katapult/, klipper/), install.sh."""
-    top = Path(tempfile.mkdtemp(prefix="kflashd-public-"))
+    _remove_orphans()
+    top = Path(tempfile.mkdtemp(prefix=PREFIX))
     owner = os.getpid()
+    (top / OWNER_FILE).write_text(_identity(owner) + "\n")
     # Forked children inherit atexit handlers; only the process that made the tree removes it.
     atexit.register(lambda: os.getpid() == owner and shutil.rmtree(top, ignore_errors=True))
     for source, target in _COPIED.items():
