@@ -54,7 +54,8 @@ def ensure_rootfs() -> Path:
         partial = path.with_name(path.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         argv = ["mmdebstrap", "--variant=minbase", "--include=" + ",".join(PACKAGES), SUITE, str(partial)]
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=BUILD_TIMEOUT)
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=BUILD_TIMEOUT,
+                                stdin=subprocess.DEVNULL)
         if result.returncode != 0:
             shutil.rmtree(partial, ignore_errors=True)
             raise RuntimeError(f"mmdebstrap failed ({result.returncode}): {' '.join(argv)}\n"
