@@ -10,7 +10,8 @@ JSON line, answered by one JSON line:
   Klipper enters Katapult; a USB-to-CAN bridge whose UUID it is re-enumerates on USB as
   Katapult (``1d50:6177``), after a short delay as a real one does.
 - ``{"op": "query", "iface": ...}``: the unassigned-node query: ``{"nodes": [[uuid, app]]}``,
-  app "Katapult" or "Klipper".
+  app "Katapult" or "Klipper"; a node Klipper has talked to (assigned a node id) does not
+  answer until it resets, as in Klipper's canserial.
 - ``{"op": "connect", "iface": ..., "uuid": ...}``: talk to a node in Katapult. On
   ``{"ok": true}`` the connection becomes that node's Katapult byte stream (the same
   frames as over USB; the node also answers GET_CANBUS_ID); COMPLETE boots it into
@@ -49,6 +50,10 @@ class CanNode:
         self.device: Optional[KatapultEmulator] = None
         self.sock: Optional[socket.socket] = None
         self.jumps = 0
+        # Klipper assigned it a node id (the fake Klipper talked to it): until it resets,
+        # it does not answer the unassigned-node query (Klipper's canserial), even after
+        # Klipper stopped.
+        self.claimed = False
         self.boots = 0
         self.connects = 0
         self.blocks_received = 0
@@ -82,6 +87,7 @@ class CanNode:
         return {"uuid": self.uuid, "mcu": self.mcu, "interface": self.interface, "mode": self.mode,
                 "app_start": self.app_start, "image_version": self.image_version(),
                 "running_version": self.running_version(), "jumps": self.jumps, "boots": self.boots,
+                "claimed": self.claimed,
                 "connects": self.connects + session.get("connects", 0),
                 "blocks_received": self.blocks_received + session.get("blocks_received", 0),
                 "completes": self.completes + session.get("completes", 0)}
@@ -153,17 +159,19 @@ class CanBusServer:
             if node is not None and node.mode == "klipper":
                 node.jumps += 1
                 node.mode = "katapult"
+                node.claimed = False
             bridge = self.bridge_jump(iface, uuid)
             return {"ok": True, "bridge": bridge}, None
         if op == "query":
             return {"ok": True, "nodes": [[n.uuid, "Katapult" if n.mode == "katapult" else "Klipper"]
-                                          for n in on_bus]}, None
+                                          for n in on_bus if not n.claimed]}, None
         if op == "identify":
             bridge_version = self.bridge_version(iface, uuid)
             if bridge_version is not None:
                 return {"ok": True, "app": "Klipper", "version": bridge_version}, None
             if node is None or node.mode != "klipper":
                 return {"ok": False, "error": "no answer"}, None
+            node.claimed = True
             return {"ok": True, "app": "Klipper", "mcu": node.mcu, "version": node.running_version()}, None
         if op == "connect":
             if node is None or node.mode != "katapult":
@@ -187,6 +195,7 @@ class CanBusServer:
         if node is None or node.device is not device:
             return
         node.close_session()
+        node.claimed = False
         if node.app_present():
             node.boots += 1
             node.mode = "klipper"
