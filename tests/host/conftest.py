@@ -10,9 +10,10 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Set
+import subprocess
+from typing import Iterator, Optional, Set
 
 import pytest
 
@@ -22,24 +23,6 @@ from tests.host.machine import Machine
 from tests.host.rootfs import ensure_rootfs
 
 INSTALL_TIMEOUT = 300.0
-# What changes on any running host and is nobody's install: logs, caches, runtime state of
-# systemd and the test equipment itself.
-NOISE = ("/proc", "/sys", "/dev", "/tmp", "/var/tmp", "/var/log", "/var/cache", "/var/lib/systemd",
-         "/run/systemd", "/run/user", "/run/log", "/run/dbus", "/run/udev", "/run/sudo", "/run/mount",
-         "/run/lock", "/run/utmp", "/run/host", "/run/credentials", "/run/nologin",
-         "/var/lib/polkit-1", "/etc/.pwd.lock", "/etc/group-", "/etc/gshadow-", ph.TESTBED_PARENT,
-         f"{ph.HOME}/printer_data/logs")
-
-
-def file_list(machine: Machine) -> Set[str]:
-    """Every path on the machine's own file systems and /run, minus NOISE and byte-code."""
-    out = machine.run("find / /run -xdev 2>/dev/null; true", timeout=60).stdout.splitlines()
-    keep = set()
-    for path in out:
-        if "/__pycache__" in path or any(path == n or path.startswith(n + "/") for n in NOISE):
-            continue
-        keep.add(path)
-    return keep
 
 
 @dataclass
@@ -49,9 +32,8 @@ class Host:
     workdir: Path
     before_install: Set[str]
     groups_before: str
-    install: "object"
+    install: subprocess.CompletedProcess
     install_seconds: float
-    serials: List[str] = field(default_factory=list)
 
     def ctl(self, *args: str, user: str = ph.USER, check: bool = True, timeout: float = 60.0):
         return self.machine.run(["kflashctl", *args], user=user, check=check, timeout=timeout)
@@ -90,7 +72,7 @@ def printer_host() -> Iterator[Host]:
         machine.run(["systemctl", "enable", "--now", "klipper.service"])
         machine.wait_unit("klipper.service")
         machine.run(["systemctl", "enable", "--now", "moonraker.service"])
-        before = file_list(machine)
+        before = ph.file_list(machine)
         groups = machine.run(["getent", "group"]).stdout
         started = time.monotonic()
         result = machine.run(["sudo", "./install.sh"], user=ph.USER, cwd=ph.CLONE, check=False,
@@ -101,12 +83,19 @@ def printer_host() -> Iterator[Host]:
         if machine.leader:
             print(f"--- journalctl -u kflashd -u klipper ---\n"
                   f"{machine.journal('-u', 'kflashd', '-u', 'klipper', '-n', '120')}")
-            print(f"--- klippy.log ---\n{machine.run('tail -n 40 ~pi/printer_data/logs/klippy.log', check=False).stdout}")
+            klippy_log = machine.run("tail -n 40 ~pi/printer_data/logs/klippy.log", check=False).stdout
+            print(f"--- klippy.log ---\n{klippy_log}")
         teardown(machine, farm)
 
 
+@dataclass
+class MultiInstanceHost:
+    machine: Machine
+    install: subprocess.CompletedProcess
+
+
 @pytest.fixture(scope="module")
-def multi_instance_host() -> Iterator[Machine]:
+def multi_instance_host() -> Iterator[MultiInstanceHost]:
     """KIAUH's multi-instance layout: klipper-1 and klipper-2, each with printer_N_data, both
     running; kflashd installed by root itself (no sudo, so no SUDO_USER to fall back on)."""
     workdir = Path(tempfile.mkdtemp(prefix="kflashd-multi-"))
@@ -115,9 +104,8 @@ def multi_instance_host() -> Iterator[Machine]:
         for unit, _data in ph.instances(2):
             machine.run(["systemctl", "enable", "--now", f"{unit}.service"])
             machine.wait_unit(f"{unit}.service")
-        machine.install = machine.run(["./install.sh", "--offline"], cwd=ph.CLONE, check=False,  # type: ignore[attr-defined]
-                                      timeout=INSTALL_TIMEOUT)
-        yield machine
+        result = machine.run(["./install.sh", "--offline"], cwd=ph.CLONE, check=False, timeout=INSTALL_TIMEOUT)
+        yield MultiInstanceHost(machine, result)
     finally:
         if machine.leader:
             print(f"--- journalctl -u kflashd ---\n{machine.journal('-u', 'kflashd', '-n', '60')}")

@@ -19,7 +19,7 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Set, Tuple
 
 from tests.farm.client import BoardFarm
 from tests.farm.images import make_dict, make_image
@@ -161,3 +161,19 @@ def board_config(serial: str, name: str = "octopus", extra: Optional[str] = None
     """The config an admin writes after the install (the example file has every key commented)."""
     return (f"[katapult]\n# umockdev's PTYs refuse 250000 baud\nbaud = 115200\n{extra or ''}\n"
             f"[boards.{name}]\nserial = \"{serial}\"\nmcu = \"{MCU}\"\n")
+
+
+# What changes on any running host and is nobody's install: logs, caches, runtime state of
+# systemd and the test equipment itself.
+NOISE = ("/proc", "/sys", "/dev", "/tmp", "/var/tmp", "/var/log", "/var/cache", "/var/lib/systemd",
+         "/run/systemd", "/run/user", "/run/log", "/run/dbus", "/run/udev", "/run/sudo", "/run/mount",
+         "/run/lock", "/run/utmp", "/run/host", "/run/credentials", "/run/nologin",
+         "/var/lib/polkit-1", "/etc/.pwd.lock", "/etc/group-", "/etc/gshadow-", TESTBED_PARENT,
+         f"{HOME}/printer_data/logs")
+
+
+def file_list(machine: Machine) -> Set[str]:
+    """Every path on the machine's own file systems and /run, minus NOISE and byte-code."""
+    out = machine.run("find / /run -xdev 2>/dev/null; true", timeout=60).stdout.splitlines()
+    return {path for path in out
+            if "/__pycache__" not in path and not any(path == n or path.startswith(n + "/") for n in NOISE)}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +17,6 @@ import pytest
 
 from tests.farm.images import make_dict, make_image
 from tests.host import printer_host as ph
-from tests.host.conftest import file_list
 from tests.support.wait import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -291,7 +289,7 @@ def test_root_mode_flashes_too(printer_host):
         assert how == "exited", how
         out, _ = proc.communicate(timeout=10)
         assert proc.returncode == 0, out
-        assert f"Klipper reports firmware v0.13.0-9-gfeed123" in out
+        assert "Klipper reports firmware v0.13.0-9-gfeed123" in out
     finally:
         proc.kill()
         proc.wait(timeout=10)
@@ -304,7 +302,7 @@ def test_uninstall_leaves_nothing_behind(printer_host):
     assert m.show("kflashd.service", "ActiveState") == "inactive"
     assert m.run(["systemctl", "cat", "kflashd.service"], check=False).returncode != 0 or \
         m.show("kflashd.service", "FragmentPath") == ""
-    after = file_list(m)
+    after = ph.file_list(m)
     left = sorted(after - printer_host.before_install)
     gone = sorted(printer_host.before_install - after)
     assert not left, f"left behind: {left}"

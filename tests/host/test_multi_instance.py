@@ -12,8 +12,7 @@ pytestmark = pytest.mark.host
 
 
 def test_installer_finds_the_klipper_user_of_the_instances(multi_instance_host):
-    m = multi_instance_host
-    r = m.install
+    m, r = multi_instance_host.machine, multi_instance_host.install
     assert r.returncode == 0, f"./install.sh --offline failed:\n{r.stdout}\n{r.stderr}"
     assert "Klipper user: pi (User= of klipper-1.service)" in r.stdout, r.stdout
     assert m.show("kflashd.service", "User") == "pi"
@@ -23,7 +22,7 @@ def test_installer_finds_the_klipper_user_of_the_instances(multi_instance_host):
 @pytest.mark.xfail(strict=True, reason="issue 9 item 1 (one socket per configured service): the daemon "
                    "knows only [klipper] services = [\"klipper\"] and one api_socket, not the instances' units")
 def test_daemon_finds_both_instances_and_their_sockets(multi_instance_host):
-    m = multi_instance_host
+    m = multi_instance_host.machine
     config = json.loads(m.run(["kflashctl", "config", "--json"], user=ph.USER).stdout)
     text = json.dumps(config)
     for unit, data in ph.instances(2):
