@@ -170,6 +170,10 @@ class Daemon(CycleHost):
                 # Only reached if the loop itself failed: let the cycle start Klipper first.
                 self.cycle.abort.set()
                 self.cycle.thread.join(self.config.timeout_flash + 3 * self.config.timeout_service)
+            batch = self.updates.running
+            if batch is not None and batch.thread is not None:  # the same for an update
+                batch.abort.set()
+                batch.thread.join(self.config.timeout_flash + 3 * self.config.timeout_service)
             self.notifier.stopping()
             self.staging.stop()
             if self.control is not None:
