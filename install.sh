@@ -36,6 +36,11 @@ CONFIG=/etc/kflashd/kflashd.toml
 CATALOG=/usr/lib/systemd/catalog/kflashd.catalog
 BIN_LINKS=(/usr/local/bin/kflashd /usr/local/bin/kflashctl)
 UNIT_DIRS=(/etc/systemd/system /run/systemd/system /lib/systemd/system /usr/lib/systemd/system)
+# Root mode's capabilities (docs/install.md says why each; tests/e2e/test_guard_instances.py
+# runs the daemon with exactly these). CAP_DAC_OVERRIDE: Klipper's API socket is the
+# Klipper user's, mode 0755, and connect() needs write permission on it; without it the
+# print guard and the post-flash version proof cannot reach Klipper at all.
+ROOT_CAPS="CAP_SETUID CAP_SETGID CAP_DAC_READ_SEARCH CAP_DAC_OVERRIDE CAP_CHOWN CAP_KILL"
 
 ARGS=("$@")
 action=install
@@ -230,11 +235,12 @@ render_unit() {
     local tree_out="-$klipper_dir/out -$klipper_dir/lib/hidflash -$klipper_dir/lib/rp2040_flash"
     if [[ $svc_user == root ]]; then
         # Root mode: make runs as the tree's owner (setuid), the 0700 home is read with
-        # CAP_DAC_READ_SEARCH, the flash tool of another user is stopped with CAP_KILL.
+        # CAP_DAC_READ_SEARCH, Klipper's socket is reached with CAP_DAC_OVERRIDE, the flash
+        # tool of another user is stopped with CAP_KILL.
         sed -e "s|^User=.*|User=root|" \
             -e "s|^Group=.*|Group=root|" \
             -e "s|^ReadWritePaths=.*|ReadWritePaths=$tree_out|" \
-            -e "s|^CapabilityBoundingSet=.*|CapabilityBoundingSet=CAP_SETUID CAP_SETGID CAP_DAC_READ_SEARCH CAP_CHOWN CAP_KILL\nSystemCallFilter=@setuid|" \
+            -e "s|^CapabilityBoundingSet=.*|CapabilityBoundingSet=$ROOT_CAPS\nSystemCallFilter=@setuid|" \
             "$SRC/systemd/kflashd.service"
     else
         sed -e "s|^User=.*|User=$svc_user|" \

@@ -282,6 +282,7 @@ class Commands:
             ],
             "update": self.daemon.updates.running.batch.to_dict() if self.daemon.updates.running else None,
             "printer_busy": self.daemon.guard_wait,
+            "guard_warning": self.daemon.guard_wait if self.daemon.guard_warning else None,
             "boards": self._boards_reply(),
             "version": __version__,
             "udev": dict(self.daemon.monitor.stats) if self.daemon.monitor is not None else None,

@@ -62,6 +62,7 @@ class Config:
     klipper_services: List[str] = field(default_factory=lambda: ["klipper"])
     klipper_dir: str = "/home/pi/klipper"
     klipper_api_socket: str = "/home/pi/printer_data/comms/klippy.sock"
+    klipper_api_sockets: Dict[str, str] = field(default_factory=dict)  # service -> API socket
     katapult_dir: str = "/home/pi/katapult"
     katapult_baud: int = 0
     timeout_flash: float = 60
@@ -123,6 +124,7 @@ _SCALARS: Dict[Tuple[str, str], Tuple[str, Tuple[type, ...], str]] = {
     ("klipper", "services"): ("klipper_services", (list,), "a list of unit names"),
     ("klipper", "dir"): ("klipper_dir", (str,), "a path"),
     ("klipper", "api_socket"): ("klipper_api_socket", (str,), "a path"),
+    ("klipper", "api_sockets"): ("klipper_api_sockets", (dict,), 'a table { "SERVICE" = "PATH" }'),
     ("katapult", "dir"): ("katapult_dir", (str,), "a path"),
     ("katapult", "baud"): ("katapult_baud", (int,), "a baud rate (0 for USB)"),
     ("timeouts", "flash"): ("timeout_flash", (int, float), "seconds"),
@@ -179,6 +181,7 @@ def load_config(path: Optional[str] = None) -> Config:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     config.path = path
     _apply(config, data, path)
+    _check_api_sockets(config, path)
     apply_discovered_defaults(config)
     return config
 
@@ -214,11 +217,31 @@ def _set_scalar(config: Config, section: str, key: str, value: Any, path: str) -
     if attr == "klipper_services":
         if not value or not all(isinstance(v, str) and v for v in value):
             raise ConfigError(f"{path}: {name} must be a non-empty list of unit names")
+    if attr == "klipper_api_sockets":
+        for service, socket in value.items():
+            if not isinstance(socket, str) or not socket.startswith("/"):
+                raise ConfigError(f"{path}: {name}.{service} must be an absolute path, not {socket!r}")
+        value = dict(value)
     minimum = _MINIMUM.get(name)
     if minimum is not None and value < minimum:
         raise ConfigError(f"{path}: {name} must be at least {minimum}, not {value!r}")
     setattr(config, attr, list(value) if isinstance(value, list) else value)
     config.sources[name] = path
+
+
+def _unit(name: str) -> str:
+    return name if "." in name else name + ".service"
+
+
+def _check_api_sockets(config: Config, path: str) -> None:
+    """api_sockets may only name units in services: a typo would leave an instance unasked."""
+    services = {_unit(s) for s in config.klipper_services}
+    for service in config.klipper_api_sockets:
+        if _unit(service) not in services:
+            raise ConfigError(
+                f"{path}: klipper.api_sockets names {service!r}, which is not in klipper.services "
+                f"({', '.join(config.klipper_services)})"
+            )
 
 
 # [boards.NAME] keys: (expected type, pattern the value must match or None, what is expected)

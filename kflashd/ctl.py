@@ -327,6 +327,8 @@ def print_status(reply: Dict[str, Any], as_json: bool) -> int:
         print(f"  queued:  job {job['id']} for {job.get('board_name') or job['serial']}: {job.get('message', '')}")
     for job in reply.get("interrupted", []):
         print(f"  interrupted mid-write: job {job['id']} for {job.get('board_name') or job['serial']}: {job.get('message', '')}")
+    if reply.get("guard_warning"):
+        print(f"  WARNING: the print guard cannot ask Klipper, jobs are held: {reply['guard_warning']}")
     if reply.get("klipper_down"):
         print(f"  KLIPPER IS NOT RUNNING: {reply['klipper_down']} (try: sudo systemctl start klipper)")
     if reply.get("state_problem"):
@@ -340,6 +342,12 @@ def show_config(config, as_json: bool) -> int:
     from .config import describe
 
     rows = describe(config)
+    # The sockets the print guard asks, one per Klipper unit, and where each came from
+    # (the unit's -a needs `systemctl show`, which any user may run).
+    from .instances import resolve
+
+    for instance in resolve(config):
+        rows.append((f"print guard: {instance.service}", instance.socket, instance.source))
     if as_json:
         print(json.dumps([{"key": k, "value": v, "source": s} for k, v, s in rows], indent=2))
         return EXIT_OK

@@ -22,9 +22,9 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, MutableMapping, Optional, Tuple
+from typing import Any, Dict, List, MutableMapping, Optional, Tuple
 
-from . import bootloader, cancycle, canbus, flasher, guard
+from . import bootloader, cancycle, canbus, flasher, guard, instances
 from .config import Config
 from .errors import DiscoveryError, Interrupted, KflashError, ServiceError, StateWriteError
 from .models import KLIPPER_MODES, MODE_BRIDGE, MODE_CAN_NODE, MODE_KATAPULT, WRITE_DONE, WRITE_STARTED, Board, FlashResult, Job
@@ -53,6 +53,7 @@ class Outcome:
     kind: str
     message: str
     result: Optional[FlashResult] = None
+    warning: bool = False  # BUSY because of a configuration error (the guard cannot ask)
 
 
 def job_fields(job: Job) -> Dict[str, str]:
@@ -164,6 +165,7 @@ class FlashCycle:
         self.log = JobLog(logging.getLogger("kflashd.cycle"), job)
         self.unrecorded: Optional[str] = None  # why the "written" record could not be saved
         self.returned: Optional[Board] = None  # the board back in Klipper mode after the flash
+        self.api_sockets: List[str] = []  # every instance's socket, for the version proof
 
     def run(self) -> Outcome:
         """One board's whole story, Klipper stopped and started by this job alone."""
@@ -173,11 +175,12 @@ class FlashCycle:
             return Outcome(FAILED, refusal)
 
         self.host.phase(job, PHASE_GUARD)
-        verdict = guard.check_printer_idle(config.klipper_api_socket)
+        # Every instance is asked; any one printing (or unknown while its unit runs) holds.
+        verdict, asked = instances.check_all(config)
         if verdict.busy:
-            return Outcome(BUSY, verdict.reason)
-        if not verdict.klipper_running:
-            self.log.info(f"print guard: {verdict.reason}")
+            return Outcome(BUSY, verdict.reason, warning=verdict.warning)
+        self.api_sockets = [i.socket for i in asked if i.socket]
+        self.log.info(f"print guard: {verdict.reason}")
 
         refusal = self.can_refusal()
         if refusal:
@@ -400,13 +403,18 @@ class FlashCycle:
         deadline = time.monotonic() + max(self.config.timeout_reboot, 2.0)
         version = None
         uuid = cancycle.uuid_of(self.returned or self.board, self.config)
+        sockets = self.api_sockets or instances.api_sockets(self.config)
         while time.monotonic() < deadline and not self.abort.is_set():
-            if uuid is not None:  # a CAN node or a bridge: its [mcu] names it by canbus_uuid
-                version = canbus.query_mcu_version_for_uuid(self.config.klipper_api_socket, uuid)
-            else:
-                version = guard.query_mcu_version_for(
-                    self.config.klipper_api_socket, self.board.serial, by_path=self.board.by_path
-                )
+            for socket in sockets:
+                if uuid is not None:  # a CAN node or a bridge: its [mcu] names it by canbus_uuid
+                    version = canbus.query_mcu_version_for_uuid(socket, uuid)
+                else:
+                    # With several instances, only a section that names the board counts.
+                    version = guard.query_mcu_version_for(
+                        socket, self.board.serial, by_path=self.board.by_path, lone_mcu=len(sockets) == 1
+                    )
+                if version is not None:
+                    break
             if version == job.image_version:
                 break
             # The job is done only when this answers: a short poll (two small API queries)

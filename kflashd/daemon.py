@@ -20,11 +20,11 @@ import sys
 import threading
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-from . import __version__, cancycle, canbus, journal
+from . import __version__, cancycle, canbus, instances, journal
 from .commands import Commands, ambiguous_serial
 from .config import Config, load_config
 from .control import ControlServer
-from .cycle import BUSY, DONE, FAILED, INTERRUPTED, PHASE_STOPPING, CycleHost, FlashCycle, Outcome
+from .cycle import BUSY, DONE, FAILED, INTERRUPTED, PHASE_GUARD, PHASE_STOPPING, CycleHost, FlashCycle, Outcome
 from .cycle import job_fields
 from .devices import BoardMonitor
 from .errors import ConfigError, KflashError, StateWriteError
@@ -102,6 +102,7 @@ class Daemon(CycleHost):
         self.stopping = False
         self.klipper_down: Optional[str] = None
         self.guard_wait: Optional[str] = None  # why queued jobs are held back
+        self.guard_warning = False  # ...and that reason is a configuration error to fix
         self._guard_hold = False  # no cycle starts until the guard's retry timer fires
         self._waiters: List[BoardWaiter] = []
         self._waiters_lock = threading.Lock()
@@ -119,6 +120,7 @@ class Daemon(CycleHost):
     def run(self) -> int:
         for warning in self.config.check_paths():
             log.warning(warning)
+        self._log_guard_sockets(instances.check_visible(self.config))
         for problem in self.store.load():
             log.error(problem)
         self.updates.load()
@@ -236,6 +238,7 @@ class Daemon(CycleHost):
             new = load_config(path)
             for warning in new.check_paths():
                 log.warning(warning)
+            self._log_guard_sockets(instances.check_visible(new))
         except ConfigError as e:
             log.error(f"reload failed, keeping the old configuration: {e}")
             self.notifier.ready()
@@ -252,6 +255,10 @@ class Daemon(CycleHost):
         self.notifier.ready()
         self.update_status()
         self.schedule()
+
+    def _log_guard_sockets(self, found: List[instances.Instance]) -> None:
+        for instance in found:
+            log.info(f"print guard asks {instance.service} at {instance.socket or '(nowhere)'}: {instance.source}")
 
     def _ping_watchdog(self, now: float, interval: float) -> float:
         self.notifier.watchdog()
@@ -341,7 +348,6 @@ class Daemon(CycleHost):
     def _start_cycle(self, job: Job, board: Board) -> bool:
         """Start the cycle in a worker thread; False when the job could not be recorded as
         running (then it has ended, with the reason, and no cycle runs)."""
-        self.guard_wait = None
         job.state = JOB_RUNNING
         job.attempts += 1
         job.message = f"flashing {board.device_node}"
@@ -394,6 +400,11 @@ class Daemon(CycleHost):
         if running.klipper_touched and not running.start_failed and self.klipper_down:
             log.warning("Klipper was started again: it is no longer down")
             self.klipper_down = None
+        if outcome.kind != BUSY:
+            # Kept while the guard checks again, so STATUS and `kflashctl status` do not
+            # flicker between "checking" and "waiting" (or lose the warning) every retry.
+            self.guard_wait = None
+            self.guard_warning = False
         if outcome.kind == BUSY:
             job.state = JOB_QUEUED
             job.attempts -= 1
@@ -403,10 +414,12 @@ class Daemon(CycleHost):
             except StateWriteError as e:
                 log.error(f"job {job.id}: {e}")  # nothing was touched; it waits all the same
             self.guard_wait = outcome.message
+            self.guard_warning = outcome.warning
             self._guard_hold = True
             self.log_job(
-                logging.INFO,
-                f"printer busy, the job waits: {outcome.message}",
+                logging.WARNING if outcome.warning else logging.INFO,
+                f"{'print guard cannot ask Klipper' if outcome.warning else 'printer busy'}, "
+                f"the job waits: {outcome.message}",
                 job,
                 message_id=journal.MSG_PRINT_GUARD_WAIT,
             )
@@ -587,6 +600,8 @@ class Daemon(CycleHost):
         updating = self.updates.status_text()
         if updating is not None and not (self.cycle is not None and not self.updates.holds_klipper()):
             text = updating
+        elif self.cycle is not None and self.guard_wait and self.cycle.phase in (PHASE_GUARD, "starting"):
+            text = self._guard_text(queued + 1)  # the job being checked again is held too
         elif self.cycle is not None:
             c = self.cycle
             text = f"{c.phase.capitalize()} {c.job.label}"
@@ -599,7 +614,7 @@ class Daemon(CycleHost):
         elif self.stopping:
             text = "Stopping"
         elif self.guard_wait and queued:
-            text = f"Waiting for the printer ({self.guard_wait}), {jobs}"
+            text = self._guard_text(queued)
         else:
             text = f"Idle, {jobs}" if queued else "Idle, no jobs queued"
         if self.klipper_down:
@@ -608,6 +623,12 @@ class Daemon(CycleHost):
         if problem:
             text += f"; STATE NOT SAVED: {problem}"
         return text
+
+    def _guard_text(self, queued: int) -> str:
+        jobs = f"{queued} job{'s' if queued != 1 else ''} queued"
+        if self.guard_warning:
+            return f"WARNING: held by a configuration error ({self.guard_wait}), {jobs}"
+        return f"Waiting for the printer ({self.guard_wait}), {jobs}"
 
     def update_status(self) -> None:
         text = self.status_text()

@@ -7,10 +7,14 @@ may leave a hot nozzle parked on the part), so the guard is deliberately pessimi
   resume;
 - `idle_timeout.state` "Printing" means busy too: Klipper is executing G-code (homing,
   probing, a macro) even when no print file is active, which print_stats alone misses;
-- a socket file that exists but does not answer in time, refuses the connection, replies
-  with an error or with something unreadable counts as busy: we cannot tell, so we wait;
-- only when there is no socket file at all is Klipper taken to be not running: nothing can
-  be printing, the guard had nothing to ask, and the cycle goes on (saying so).
+- a socket that does not answer in time, replies with an error or with something
+  unreadable counts as busy: something listens there and we cannot tell, so we wait;
+- no socket file, or one nobody listens on (connection refused), is "no answer" and counts
+  as busy too: this module alone never says "go" without an answer. Only the caller that
+  knows the instance's unit (kflashd/instances.py) may decide that an instance whose unit
+  is inactive or failed is not printing;
+- a socket the daemon may not open (EACCES) is a configuration error, not a print: busy,
+  with `warning` set so that it is reported loudly, with the fix.
 
 Protocol facts (Klipper docs/API_Server.md, klippy/webhooks.py): a UNIX stream socket; every
 JSON message is terminated by a 0x03 byte; a request with an "id" gets exactly one reply with
@@ -60,16 +64,26 @@ class ApiSocketStale(ApiSocketMissing):
     """The socket file is there but nothing listens on it: Klipper exited."""
 
 
+class ApiAccessDenied(ApiError):
+    """The daemon may not open the socket (EACCES): a configuration error, not a print."""
+
+
 @dataclass(frozen=True)
 class GuardVerdict:
     """The guard's answer. `reason` is one line for STATUS and the journal.
 
-    `klipper_running` is False only when there was no API socket file at all.
+    `klipper_running` is False only when the service manager said the instance's unit is
+    inactive or failed. `answered` is False when nothing is there to answer (no socket
+    file, nobody listening) or the daemon may not ask (access denied); a listener that
+    stays silent or talks nonsense is there, so it counts as answered, and busy.
+    `warning`: a configuration error holds the job.
     """
 
     busy: bool
     reason: str
     klipper_running: bool
+    answered: bool = True
+    warning: bool = False
 
 
 def query_objects(api_socket: str, objects: Dict[str, Optional[List[str]]], timeout: float = DEFAULT_TIMEOUT) -> Dict[str, Any]:
@@ -103,8 +117,14 @@ def list_objects(api_socket: str, timeout: float = DEFAULT_TIMEOUT) -> List[str]
 
 def _request(api_socket: str, method: str, params: Dict[str, Any], timeout: float) -> Dict[str, Any]:
     """Send one request and return its "result" (a dict); errors as query_objects says."""
-    if not os.path.exists(api_socket):
-        raise ApiSocketMissing(f"no Klipper API socket at {api_socket}")
+    try:
+        os.stat(api_socket)
+    except FileNotFoundError:
+        raise ApiSocketMissing(f"no Klipper API socket at {api_socket}") from None
+    except PermissionError:  # os.path.exists() would call this "missing": it is not
+        raise ApiAccessDenied(_denied(api_socket)) from None
+    except OSError as e:
+        raise ApiSocketMissing(f"no Klipper API socket at {api_socket} ({e.strerror or e})") from None
     request_id = random.randint(1, 2**31 - 1)
     request = json.dumps({"id": request_id, "method": method, "params": params}).encode() + ETX
     deadline = time.monotonic() + timeout
@@ -122,7 +142,9 @@ def _request(api_socket: str, method: str, params: Dict[str, Any], timeout: floa
             # Nobody listens on the file: Klipper leaves its socket behind when it exits
             # (KL klippy/webhooks.py unlinks it only before the next bind), so a refused
             # connect means Klipper is not running, not that it is busy.
-            raise ApiSocketStale(f"Klipper's API socket {api_socket} has no listener: Klipper is not running") from None
+            raise ApiSocketStale(f"Klipper's API socket {api_socket} has no listener") from None
+        except PermissionError:
+            raise ApiAccessDenied(_denied(api_socket)) from None
         except OSError as e:
             raise ApiError(f"Klipper's API socket {api_socket}: {e.strerror or e}") from None
     finally:
@@ -136,6 +158,17 @@ def _request(api_socket: str, method: str, params: Dict[str, Any], timeout: floa
     if not isinstance(result, dict):
         raise ApiError(f"Klipper's API socket {api_socket} sent a reply without a result")
     return result
+
+
+def _denied(api_socket: str) -> str:
+    """Why the socket may not be opened, with its owner and mode (the facts for the fix)."""
+    try:
+        st = os.stat(api_socket)
+        owner = f"owner uid {st.st_uid}, mode {st.st_mode & 0o7777:04o}"
+    except OSError:
+        owner = "its directory cannot be searched"
+    return (f"kflashd (uid {os.geteuid()}) may not open Klipper's API socket {api_socket} "
+            f"({owner}): permission denied")
 
 
 def _read_reply(sock: socket.socket, request_id: int, deadline: float) -> Dict[str, Any]:
@@ -176,20 +209,20 @@ def _state(status: Dict[str, Any], name: str) -> Optional[str]:
 
 
 def check_printer_idle(api_socket: str, timeout: float = DEFAULT_TIMEOUT) -> GuardVerdict:
-    """Decide whether the printer may be touched now (see the module docstring). Never raises."""
+    """Ask one API socket whether the printer may be touched now. Never raises.
+
+    Fails closed on its own: without an answer the verdict is busy (`answered` False);
+    instances.check_all() combines it with the unit's state.
+    """
     try:
         status = query_objects(api_socket, GUARD_OBJECTS, timeout)
         print_state = _state(status, "print_stats")
         idle_state = _state(status, "idle_timeout")
         klippy_state = _state(status, "webhooks")
-    except ApiSocketStale as e:
-        return GuardVerdict(busy=False, reason=f"{e}, nothing to ask", klipper_running=False)
-    except ApiSocketMissing:
-        return GuardVerdict(
-            busy=False,
-            reason=f"no Klipper API socket at {api_socket}: Klipper is not running, nothing to ask",
-            klipper_running=False,
-        )
+    except ApiSocketMissing as e:  # no file, or nobody listening: no answer
+        return GuardVerdict(busy=True, reason=str(e), klipper_running=True, answered=False)
+    except ApiAccessDenied as e:
+        return GuardVerdict(busy=True, reason=str(e), klipper_running=True, answered=False, warning=True)
     except ApiError as e:
         return GuardVerdict(busy=True, reason=str(e), klipper_running=True)
 
@@ -281,14 +314,16 @@ def mcu_section_is_board(section: Any, serial: str, by_path: Optional[str] = Non
     return None
 
 
-def pick_mcu_object(names: List[str], settings: Any, serial: str, by_path: Optional[str] = None) -> Optional[str]:
+def pick_mcu_object(names: List[str], settings: Any, serial: str, by_path: Optional[str] = None,
+                    lone_mcu: bool = True) -> Optional[str]:
     """The Klipper object ("mcu" or "mcu NAME") for the board `serial`, or None.
 
     `names` is objects/list's answer, `settings` configfile's settings. Exactly one MCU
     section must name the board; two naming it (a copy-pasted serial) is not guessed
     between. When no section names it, the main "mcu" is taken only if it is the only MCU
     configured and its serial path says nothing either way (e.g. /dev/ttyACM0): that is
-    the single-board printer, where there is nothing else to mistake it for.
+    the single-board printer, where there is nothing else to mistake it for; `lone_mcu`
+    False turns that off (several Klipper instances: each has its own lone "mcu").
     """
     mcus = [n for n in names if _is_mcu_object(n)]
     if not isinstance(settings, dict):
@@ -297,13 +332,13 @@ def pick_mcu_object(names: List[str], settings: Any, serial: str, by_path: Optio
     matches = [n for n, verdict in verdicts.items() if verdict]
     if len(matches) == 1:
         return matches[0]
-    if not matches and mcus == ["mcu"] and verdicts["mcu"] is None:
+    if lone_mcu and not matches and mcus == ["mcu"] and verdicts["mcu"] is None:
         return "mcu"
     return None
 
 
 def query_mcu_version_for(api_socket: str, serial: str, by_path: Optional[str] = None,
-                          timeout: float = DEFAULT_TIMEOUT) -> Optional[str]:
+                          timeout: float = DEFAULT_TIMEOUT, lone_mcu: bool = True) -> Optional[str]:
     """The firmware version Klipper reports for the MCU that is the board `serial`, or None.
 
     Two requests within one `timeout`: objects/list for the MCU objects' exact names, then
@@ -324,7 +359,7 @@ def query_mcu_version_for(api_socket: str, serial: str, by_path: Optional[str] =
         return None
     configfile = status.get("configfile")
     settings = configfile.get("settings") if isinstance(configfile, dict) else None
-    name = pick_mcu_object(mcus, settings, serial, by_path)
+    name = pick_mcu_object(mcus, settings, serial, by_path, lone_mcu)
     if name is None:
         return None
     mcu = status.get(name)

@@ -356,7 +356,10 @@ def test_write_klipper_unit(tmp_path: Path) -> None:
     assert path == tmp_path / "standin" / "units" / "klipper.exec"
     argv = json.loads(path.read_text())
     assert argv[0] == sys.executable and argv[1].endswith("tests/farm/fake_klipper.py")
-    assert argv[2:] == ["--api-socket", str(tmp_path / "k.sock"), "--state-file", str(tmp_path / "state.json")]
+    assert argv[2:] == ["-a", str(tmp_path / "k.sock"), "--state-file", str(tmp_path / "state.json")]
+    # the unit file `systemctl show` reads carries the same command line, -a and all
+    unit = (tmp_path / "standin" / "units" / "klipper.service").read_text()
+    assert f"ExecStart={' '.join(argv)}\n" in unit
 
 
 def test_controller_rejects_bad_requests_without_dying(farm: BoardFarm) -> None:  # noqa: F811

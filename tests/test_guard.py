@@ -177,11 +177,54 @@ def test_request_is_what_klipper_expects(klippy):
     assert request["params"]["objects"] == {"print_stats": ["state"], "idle_timeout": ["state"], "webhooks": ["state"]}
 
 
-def test_missing_socket_means_klipper_not_running(tmp_path):
+def test_missing_socket_is_no_answer_and_busy(tmp_path):
+    # On its own the guard never says "go" without an answer: only the unit's state may
+    # (kflashd/instances.py, tests/test_instances.py).
     path = str(tmp_path / "klippy.sock")
     verdict = check_printer_idle(path)
-    assert verdict == GuardVerdict(busy=False, reason=verdict.reason, klipper_running=False)
-    assert path in verdict.reason and "nothing to ask" in verdict.reason
+    assert verdict == GuardVerdict(busy=True, reason=verdict.reason, klipper_running=True, answered=False)
+    assert path in verdict.reason
+
+
+def test_unsearchable_directory_is_access_denied_not_missing(tmp_path):
+    # os.path.exists() says False when stat() fails with EACCES: that is no "missing".
+    # Asked with the effective uid of nobody (root passes every permission check).
+    comms = tmp_path / "comms"
+    comms.mkdir(mode=0o700)
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(comms / "klippy.sock"))
+    dead.close()
+    os.seteuid(65534)
+    try:
+        verdict = check_printer_idle(str(comms / "klippy.sock"))
+    finally:
+        os.seteuid(0)
+    assert (verdict.busy, verdict.answered, verdict.warning) == (True, False, True), verdict
+    assert "permission denied" in verdict.reason and "uid 65534" in verdict.reason
+
+
+def test_socket_of_another_user_is_access_denied(tmp_path):
+    # Klipper's socket is pi:pi 0755: another user (and root without CAP_DAC_OVERRIDE)
+    # may not connect. A configuration error, reported as such, never "not running".
+    directory = tempfile.mkdtemp(prefix="kfg")  # searchable by all (pytest's tmp_path is not)
+    os.chmod(directory, 0o755)
+    path = os.path.join(directory, "klippy.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    os.chmod(path, 0o755)
+    try:
+        os.seteuid(65534)
+        try:
+            assert os.stat(path).st_mode & 0o777 == 0o755  # the file is visible: connect() refuses
+            verdict = check_printer_idle(path, timeout=0.5)
+        finally:
+            os.seteuid(0)
+    finally:
+        server.close()
+        shutil.rmtree(directory)
+    assert (verdict.busy, verdict.answered, verdict.warning) == (True, False, True), verdict
+    assert "permission denied" in verdict.reason and "mode 0755" in verdict.reason
 
 
 # ---------------------------------------------------------------- a Klipper that misbehaves --
@@ -216,9 +259,10 @@ def test_never_accepting_listener_is_busy(tmp_path):
         listener.close()
 
 
-def test_stale_socket_file_means_klipper_is_not_running(tmp_path):
+def test_stale_socket_file_is_no_answer(tmp_path):
     # Klipper exited and left its socket file (it unlinks it only before its next bind):
-    # connection refused, nobody listens, so nothing can be printing.
+    # connection refused, nobody listens. Whether that means "not running" is the unit's
+    # state's to say; here it is an unanswered, busy verdict, told at once.
     path = str(tmp_path / "klippy.sock")
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     dead.bind(path)
@@ -226,7 +270,7 @@ def test_stale_socket_file_means_klipper_is_not_running(tmp_path):
     started = time.monotonic()
     verdict = check_printer_idle(path, timeout=2.0)
     assert time.monotonic() - started < 1.0
-    assert verdict.busy is False and verdict.klipper_running is False, verdict
+    assert verdict.busy is True and verdict.answered is False, verdict
     assert "no listener" in verdict.reason
 
 

@@ -332,12 +332,22 @@ def test_root_mode_and_old_polkit_variants(tmp_path):
     text = (root / "etc/systemd/system/kflashd.service").read_text()
     s = unit_settings(text)
     assert s["User"] == ["root"]
+    # CAP_DAC_OVERRIDE: Klipper's API socket is pi:pi 0755 and connect() needs write access
+    # (tests/e2e/test_guard_instances.py runs the daemon with exactly ROOT_CAPS).
     assert set(s["CapabilityBoundingSet"][-1].split()) == {
-        "CAP_SETUID", "CAP_SETGID", "CAP_DAC_READ_SEARCH", "CAP_CHOWN", "CAP_KILL"}
+        "CAP_SETUID", "CAP_SETGID", "CAP_DAC_READ_SEARCH", "CAP_DAC_OVERRIDE", "CAP_CHOWN", "CAP_KILL"}
+    assert s["CapabilityBoundingSet"][-1] == root_caps()
     assert "@setuid" in s["SystemCallFilter"]
     copy = checkable_copy(text, tmp_path)
     verify(copy)
     assert exposure(copy) <= MAX_EXPOSURE
+
+
+def root_caps() -> str:
+    """install.sh's ROOT_CAPS: root mode's capability bounding set."""
+    match = re.search(r'^ROOT_CAPS="([^"]*)"$', INSTALL_SH.read_text(), re.M)
+    assert match, "install.sh has no ROOT_CAPS line"
+    return match.group(1)
 
 
 def test_install_without_root_or_destdir_refuses_clearly(tmp_path):

@@ -17,26 +17,39 @@ MCU = "stm32f446xx"
 class Printer:
     """The "Klipper service" the stand-in systemctl runs: a fake klippy holding the ports."""
 
-    def __init__(self, standins, daemon: KflashdProcess) -> None:
+    def __init__(self, standins, daemon: KflashdProcess, unit: str = "klipper", **options) -> None:
+        """`options`: api_socket, state_file (default: the daemon's), and write_klipper_unit's
+        extra (fake_klipper options) and env_file (KIAUH's klipper.env layout)."""
         self.standins = standins
         self.daemon = daemon
-        write_klipper_unit(standins.dir, daemon.api_socket, daemon.printer_state,
-                           log=daemon.workdir / "klipper.log")
+        self.unit = unit
+        self.api_socket = options.pop("api_socket", daemon.api_socket)
+        self.state_file = options.pop("state_file", daemon.printer_state)
+        self.log_path = daemon.workdir / f"{unit}.log"
+        write_klipper_unit(standins.dir, self.api_socket, self.state_file, unit=unit,
+                           log=self.log_path, **options)
 
     def start(self) -> None:
         """Start "Klipper" the way the host would at boot (not recorded as the daemon's doing)."""
         import subprocess
 
         env = {k: v for k, v in self.daemon.env.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
-        subprocess.run(["systemctl", "start", "klipper"], env=env, check=True,
+        subprocess.run(["systemctl", "start", self.unit], env=env, check=True,
                        capture_output=True, timeout=30, cwd=str(REPO))
+
+    def guard_queries(self) -> int:
+        """How often the print guard has asked this Klipper (fake_klipper logs each question)."""
+        try:
+            return self.log_path.read_text(errors="replace").count("guard query")
+        except FileNotFoundError:
+            return 0
 
     @property
     def running(self) -> bool:
         from tests.standins.fixtures import pid_alive
 
-        pid = self.standins.unit_pid("klipper")
-        return self.standins.unit_state("klipper") == "active" and pid is not None and pid_alive(pid)
+        pid = self.standins.unit_pid(self.unit)
+        return self.standins.unit_state(self.unit) == "active" and pid is not None and pid_alive(pid)
 
 
 @pytest.fixture

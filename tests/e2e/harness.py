@@ -43,6 +43,10 @@ class KflashdProcess:
         watchdog_usec: Optional[int] = None,
         katapult_dir: Optional[Path] = None,
         klipper_dir: Optional[Path] = None,
+        services: Optional[List[str]] = None,
+        api_socket: Any = True,
+        klipper_extra: str = "",
+        wrapper: Optional[List[str]] = None,
     ) -> None:
         self.workdir = workdir
         self.state_dir = workdir / "state"
@@ -56,6 +60,7 @@ class KflashdProcess:
         self.klipper_dir = klipper_dir or workdir / "klipper"
         self.klipper_dir.mkdir(parents=True, exist_ok=True)
         self.process: Optional[subprocess.Popen] = None
+        self.wrapper = list(wrapper or [])  # e.g. setpriv with root mode's capabilities
         t = {"flash": 30, "service": 10, "bootloader": 10, "reboot": 10, "guard_retry": 0.3}
         t.update(timeouts or {})
         lines = [
@@ -64,9 +69,11 @@ class KflashdProcess:
             f'group = "{_test_group()}"',
             config_extra,
             "[klipper]",
-            'services = ["klipper"]',
+            "services = " + json.dumps(services or ["klipper"]),
             f'dir = "{self.klipper_dir}"',
-            f'api_socket = "{self.api_socket}"',
+            # True: the fake Klipper's socket; a path: that one; None: not set (from the unit)
+            f'api_socket = "{self.api_socket if api_socket is True else api_socket}"' if api_socket else "",
+            klipper_extra,
             "[katapult]",
             f'dir = "{self.katapult_dir}"',
             "baud = 115200",  # umockdev PTYs reject custom bauds such as 250000
@@ -101,7 +108,7 @@ class KflashdProcess:
     def start(self, wait_ready: Optional[Callable[[], Any]] = None) -> "KflashdProcess":
         self._log_file = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [PYTHON, "-m", "kflashd.daemon", "--config", str(self.config_path)],
+            self.wrapper + [PYTHON, "-m", "kflashd.daemon", "--config", str(self.config_path)],
             env=self.env,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,

@@ -16,6 +16,10 @@ and SIGTERMed by ``systemctl stop klipper``. While it runs it:
 The printer's state comes from a small JSON file, re-read per request, e.g.
 ``{"print_stats": "printing", "idle_timeout": "Printing", "hang": false}``; ``hang`` makes
 the socket accept and read but never answer. SIGTERM removes the socket and exits 0.
+Every objects/query that asks for print_stats (the print guard's question) is logged as
+"guard query", so tests can count how often the guard asked. ``-a`` is klippy.py's
+option; ``--socket-owner``/``--socket-mode`` make the socket Klipper user's (0755), and
+``--no-ports`` makes it another printer's Klipper that holds none of the farm's boards.
 
 Which MCUs "printer.cfg" configures: by default one ``[mcu]``, the Klipper-mode board with
 the lowest serial that has answered, its ``serial`` its by-id link. A ``"mcus"`` key maps
@@ -75,8 +79,9 @@ class HeldPort:
 
 
 class FakeKlipper:
-    def __init__(self, api_socket: str, state_file: str, log_file: Optional[str]) -> None:
+    def __init__(self, api_socket: str, state_file: str, log_file: Optional[str], hold_ports: bool = True) -> None:
         self.api_socket = api_socket
+        self.hold_ports = hold_ports
         self.state_file = state_file
         self.log_file = open(log_file, "a") if log_file else sys.stderr
         self.held: Dict[str, HeldPort] = {}
@@ -103,6 +108,8 @@ class FakeKlipper:
 
     # -- board ports ---------------------------------------------------------------------
     def rescan(self) -> None:
+        if not self.hold_ports:
+            return
         seen: Dict[str, pyudev.Device] = {}
         for dev in self.context.list_devices(subsystem="tty"):
             usb_id = (dev.properties.get("ID_VENDOR_ID"), dev.properties.get("ID_MODEL_ID"))
@@ -283,6 +290,8 @@ class FakeKlipper:
             return {"id": req_id, "error": {"error": "WebRequestError", "message": message}}
 
         if method == "objects/query":
+            if isinstance(params, dict) and isinstance(params.get("objects"), dict) and "print_stats" in params["objects"]:
+                self.log("guard query: print_stats")  # tests count the print guard's questions
             if not isinstance(params, dict) or "objects" not in params:
                 reply = error("Missing Argument [objects]")
             elif not isinstance(params["objects"], dict):
@@ -373,11 +382,18 @@ class FakeKlipper:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="stand-in Klipper service for kflashd tests")
-    parser.add_argument("--api-socket", required=True, help="path of the API socket to serve")
+    parser.add_argument("-a", "--api-socket", required=True, help="path of the API socket to serve (klippy.py's -a)")
+    parser.add_argument("--socket-owner", type=int, help="chown the socket to this uid (Klipper's user)")
+    parser.add_argument("--socket-mode", type=lambda v: int(v, 8), help="chmod the socket (Klipper's: 0755)")
+    parser.add_argument("--no-ports", action="store_true", help="hold no board ports (another printer's Klipper)")
     parser.add_argument("--state-file", required=True, help="JSON printer state, re-read per request")
     parser.add_argument("--log", help="append diagnostics here (default stderr)")
     args = parser.parse_args(argv)
-    klipper = FakeKlipper(args.api_socket, args.state_file, args.log)
+    klipper = FakeKlipper(args.api_socket, args.state_file, args.log, hold_ports=not args.no_ports)
+    if args.socket_mode is not None:  # before the chown: then it is no longer ours to chmod
+        os.chmod(args.api_socket, args.socket_mode)
+    if args.socket_owner is not None:
+        os.chown(args.api_socket, args.socket_owner, args.socket_owner)
     try:
         klipper.run()
     finally:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Iterator, List, Optional, Union
+from typing import Iterator, List, Optional, Sequence, Union
 
 import pytest
 
@@ -33,27 +33,39 @@ def farm(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[BoardFarm]:
 
 
 def fake_klipper_argv(api_socket: Union[str, Path], state_file: Union[str, Path],
-                      log: Optional[Union[str, Path]] = None, python: Optional[str] = None) -> List[str]:
-    """The command line that runs the fake Klipper service."""
-    argv = [python or sys.executable, str(FAKE_KLIPPER), "--api-socket", str(api_socket),
+                      log: Optional[Union[str, Path]] = None, python: Optional[str] = None,
+                      extra: Sequence[str] = ()) -> List[str]:
+    """The command line that runs the fake Klipper service (`-a` as klippy.py has it)."""
+    argv = [python or sys.executable, str(FAKE_KLIPPER), "-a", str(api_socket),
             "--state-file", str(state_file)]
     if log is not None:
         argv += ["--log", str(log)]
-    return argv
+    return argv + list(extra)
 
 
 def write_klipper_unit(standin_dir: Union[str, Path], api_socket: Union[str, Path],
                        state_file: Union[str, Path], unit: str = "klipper",
-                       log: Optional[Union[str, Path]] = None, python: Optional[str] = None) -> Path:
-    """Write ``<standin_dir>/units/<unit>.exec`` so ``systemctl start <unit>`` runs fake_klipper.
+                       log: Optional[Union[str, Path]] = None, python: Optional[str] = None,
+                       extra: Sequence[str] = (), env_file: Optional[Union[str, Path]] = None) -> Path:
+    """Write ``<standin_dir>/units/<unit>.exec`` so ``systemctl start <unit>`` runs fake_klipper,
+    and ``<unit>.service`` so ``systemctl show <unit>`` has its ExecStart (with ``-a``).
 
-    ``unit`` may be given with or without ``.service``. Returns the .exec path.
+    With ``env_file`` the arguments go there as KIAUH writes them (``KLIPPER_ARGS="..."``,
+    ``ExecStart=PYTHON $KLIPPER_ARGS``). ``unit`` may be given with or without
+    ``.service``. Returns the .exec path.
     """
     name = unit[:-len(".service")] if unit.endswith(".service") else unit
     units = Path(standin_dir) / "units"
     units.mkdir(parents=True, exist_ok=True)
     path = units / f"{name}.exec"
-    path.write_text(json.dumps(fake_klipper_argv(api_socket, state_file, log, python)) + "\n")
+    argv = fake_klipper_argv(api_socket, state_file, log, python, extra)
+    path.write_text(json.dumps(argv) + "\n")
+    if env_file is None:
+        service = f"[Service]\nExecStart={' '.join(argv)}\n"
+    else:
+        Path(env_file).write_text(f'KLIPPER_ARGS="{" ".join(argv[1:])}"\n')
+        service = f"[Service]\nEnvironmentFile={env_file}\nExecStart={argv[0]} $KLIPPER_ARGS\n"
+    (units / f"{name}.service").write_text(service)
     return path
 
 

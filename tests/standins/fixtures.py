@@ -96,6 +96,11 @@ class Standins:
         """Make `systemctl start UNIT` launch `argv` detached (and stop terminate it)."""
         (self.dir / "units" / f"{unit}.exec").write_text(json.dumps(argv))
 
+    def set_unit_file(self, unit: str, text: str) -> None:
+        """The unit file `systemctl show UNIT` renders ExecStart=, EnvironmentFile= and
+        Environment= from (e.g. KIAUH's: EnvironmentFile=... and ExecStart=... $KLIPPER_ARGS)."""
+        (self.dir / "units" / f"{unit}.service").write_text(text)
+
     def unit_pid(self, unit: str = "klipper") -> Optional[int]:
         try:
             return int((self.dir / "units" / f"{unit}.pid").read_text().strip())
