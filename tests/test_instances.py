@@ -172,7 +172,7 @@ def test_check_visible_refuses_a_hidden_socket_for_real(tmp_path):
     script = 'mount --bind "$1" /tmp && exec "$2" -m kflashd.daemon --config /tmp/kflashd.toml'
     out = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
                           str(private), sys.executable],
-                         capture_output=True, text=True, timeout=60, cwd=str(repo),
+                         capture_output=True, text=True, timeout=30, cwd=str(repo),
                          env={k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"})
     assert out.returncode == 78, out.stdout + out.stderr
     assert "/tmp/klippy_uds" in out.stderr and "PrivateTmp=yes" in out.stderr
