@@ -29,7 +29,7 @@ import threading
 import time
 from typing import Any, List, MutableMapping, Optional, Tuple, Union
 
-from . import build, canbus, cancycle, guard
+from . import build, canbus, cancycle, guard, instances
 from .batch_records import (
     B_BUILD_FAILED, B_BUILDING, B_DONE, B_FAILED, B_FLASHING, B_INTERRUPTED, B_NOT_FLASHED, B_QUEUED,
     B_SKIPPED, BOARD_FINAL, KIND_CAN_BRIDGE, KIND_CAN_TOOLHEAD, S_DONE, S_FAILED, S_FLASHING,
@@ -303,12 +303,15 @@ class BatchRun(CycleHost):
     def _printer_idle(self) -> bool:
         """The print guard before the stop; a busy printer means wait, never stop."""
         while not self.abort.is_set():
-            verdict = guard.check_printer_idle(self.config.klipper_api_socket)
+            # Every Klipper instance is asked (instances.check_all), as for a single job.
+            verdict, _ = instances.check_all(self.config)
             if not verdict.busy:
                 return True
             if self.batch.state != S_WAITING:
                 self.batch.state, self.batch.message = S_WAITING, verdict.reason
-                self.log.info(f"printer busy, the update waits: {verdict.reason}")
+                what = "print guard cannot ask Klipper" if verdict.warning else "printer busy"
+                self.log.log(logging.WARNING if verdict.warning else logging.INFO,
+                             f"{what}, the update waits: {verdict.reason}")
                 self._changed()
             self.abort.wait(self.config.guard_retry)
         return False
