@@ -75,8 +75,12 @@ class Standins:
         return out
 
     def systemctl_verbs(self) -> List[str]:
-        """e.g. ["stop", "start"]: the order in which systemctl was asked to do things."""
-        return [c["verb"] for c in self.calls("systemctl") if "verb" in c]
+        """e.g. ["stop", "start"]: the order in which systemctl was asked to do things.
+
+        `show` (the print guard reading units' sockets and states) changes nothing and is
+        left out; `standins.calls("systemctl", verb="show")` counts those.
+        """
+        return [c["verb"] for c in self.calls("systemctl") if "verb" in c and c["verb"] != "show"]
 
     def child_pids(self, prog: str) -> List[int]:
         """Pids of the children that hang modes forked (to prove they were killed)."""
