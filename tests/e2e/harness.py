@@ -39,7 +39,7 @@ class KflashdProcess:
         journal_socket: Optional[str] = None,
         config_extra: str = "",
         timeouts: Optional[Dict[str, float]] = None,
-        boards: Optional[Dict[str, Dict[str, str]]] = None,
+        boards: Optional[Dict[str, Dict[str, Any]]] = None,
         watchdog_usec: Optional[int] = None,
         katapult_dir: Optional[Path] = None,
         klipper_dir: Optional[Path] = None,
@@ -81,7 +81,8 @@ class KflashdProcess:
         ] + [f"{key} = {value}" for key, value in t.items()]
         for name, table in (boards or {}).items():
             lines.append(f"[boards.{name}]")
-            lines += [f'{key} = "{value}"' for key, value in table.items()]
+            lines += [f"{key} = {str(value).lower()}" if isinstance(value, bool) else f'{key} = "{value}"'
+                      for key, value in table.items()]
         self.config_path.write_text("\n".join(lines) + "\n")
         self.printer_state.write_text(json.dumps({"print_stats": "standby", "idle_timeout": "Ready"}))
         env = dict(os.environ)

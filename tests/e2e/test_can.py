@@ -40,7 +40,9 @@ def padded(data: bytes) -> bytes:
 def can_printer(make_daemon, farm, standins, bridge_mode: str = "klipper", toolhead: bool = True, **options):
     """Bridge mainboard (+ EBB toolhead on can0), "Klipper" configured with both by UUID."""
     farm.add_bridge(BRIDGE_SERIAL, mcu=MCU, mode=bridge_mode, version=OLD)
-    boards = {"octopus": {"serial": BRIDGE_SERIAL, "mcu": MCU}}
+    # katapult = true: the bridge may be sent to its bootloader (--now) before kflashd has
+    # seen it in Katapult.
+    boards = {"octopus": {"serial": BRIDGE_SERIAL, "mcu": MCU, "katapult": True}}
     mcus = {"mcu": {"canbus_uuid": BRIDGE_UUID}}
     if toolhead:
         farm.add_can_node(EBB_UUID, mcu=EBB_MCU, version=OLD)
@@ -173,7 +175,8 @@ def test_bridge_landing_in_its_rom_bootloader_is_a_failure_that_says_so(make_dae
     # No Katapult on the bridge: the CAN reboot request lands in the STM32 ROM DFU
     # (0483:df11). flashtool says "Device is not Katapult, exiting..." and exits 0.
     farm.add_bridge(BRIDGE_SERIAL, mcu=MCU, version=OLD, no_katapult=True)
-    daemon = make_daemon(boards={"octopus": {"serial": BRIDGE_SERIAL, "mcu": MCU}})
+    # Configured as running Katapult (wrongly): the request is sent, and lands in the ROM.
+    daemon = make_daemon(boards={"octopus": {"serial": BRIDGE_SERIAL, "mcu": MCU, "katapult": True}})
     write_printer_state(daemon.printer_state, idle_timeout="Ready", mcus={"mcu": {"canbus_uuid": BRIDGE_UUID}})
     printer = Printer(standins, daemon)
     printer.start()
