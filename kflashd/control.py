@@ -45,10 +45,12 @@ MAX_OUTPUT_BUFFER = 1024 * 1024  # a client that does not read its replies is dr
 # idle daemon keeps no periodic wake-up.
 IDLE_TIMEOUT = 60.0
 _SMALL_REQUEST = 64 * 1024  # every request but "queue" fits in this
-#: Seconds the large-slot holder has to send its whole request line ...
-LARGE_SEND = 30.0
-#: ... and seconds a connection may wait for the slot before it is told to try again.
-LARGE_WAIT = 60.0
+#: Seconds the large-slot holder has to send its whole request line (8 MiB over a local
+#: socket takes well under one) ...
+LARGE_SEND = 15.0
+#: ... and seconds a connection may wait for the slot before it is told to try again:
+#: less than kflashctl's 30 s timeout, so the client reads the reason instead of timing out.
+LARGE_WAIT = 20.0
 _RECV_CHUNK = 256 * 1024
 
 #: A handler's return value meaning "the reply comes later, through Connection.reply()";

@@ -16,9 +16,10 @@ The pipeline, in order:
    image suits it, and writes the job store (which only the loop writes).
 
 One worker thread serves all requests in order; results come back to the loop with
-`Reactor.call_soon_threadsafe`. Only one large request is in flight at a time anyway (the
-control socket lends its one large-request slot to one connection), so the queue holds at
-most one image.
+`Reactor.call_soon_threadsafe`. Only one large request is in flight at a time (the control
+socket lends its one large-request slot to one connection until the reply), so the queue
+holds at most one large image, plus small ones (under 64 KiB of request each, one per
+connection at most).
 """
 
 from __future__ import annotations

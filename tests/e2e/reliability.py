@@ -95,7 +95,7 @@ MEMORY_SECTION = [
     "  (10.7 MiB) and, while it is parsed and checked, its transient copies (the line, the",
     "  JSON string, the decoded image, one dictionary candidate of at most 16 MiB): about",
     "  5 x 10.7 MiB = 55 MiB. Other large requests wait unread in the kernel's socket buffer",
-    "  (a waiter is told `busy` after 60 s, a holder that has not sent its line in 30 s is",
+    "  (a waiter is told `busy` after 20 s, a holder that has not sent its line in 15 s is",
     "  cut off);",
     "- on top of the daemon's own ~25 MiB (idle RSS, docs/performance.md) and the staging",
     "  worker's thread: 200 MiB in all, with margin; the bound `test_loop.py` asserts",
@@ -103,7 +103,7 @@ MEMORY_SECTION = [
     "  (the row above gives the peak it measured). Before: 64 x ~11 MB buffers, ~700 MB.",
     "",
     "Known limit: 64 connections that each start a large request and never finish it keep",
-    "the slot busy (30 s each), so a real `kflashctl queue` may be told `busy` meanwhile; the",
+    "the slot busy (15 s each), so a real `kflashctl queue` may be told `busy` meanwhile; the",
     "loop, `status`, the watchdog and a running flash are not affected.",
 ]
 
