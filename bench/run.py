@@ -8,7 +8,7 @@ files need it):
 It prints one JSON document (also written to FILE) and a table of the targets of issue 5.
 It is not a test: it asserts nothing about times and CI does not run it (timings on a
 shared runner say more about the runner than about kflashd). A full run takes about 95 s
-on two cores, --quick (fewer samples, 10 s idle) about 30 s; each plus about 40 s for the
+on two cores, --quick (fewer samples, 10 s idle) about 30 s; each plus about 80 s for the
 update section (bench/update.py, also runnable alone).
 
 What runs is what the end-to-end tests run (tests/e2e/harness.py): the real daemon under

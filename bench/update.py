@@ -1,6 +1,6 @@
 """Benchmark section "update": Klipper's downtime for `kflashctl update` of N boards.
 
-Run alone (about 40 s) or as part of bench.run:
+Run alone (about 70 s on a quiet machine) or as part of bench.run:
 
     sudo .venv/bin/python -m bench.update [--json FILE]
 
@@ -19,6 +19,7 @@ stopstart  One `systemctl stop klipper` + `systemctl start klipper` by hand, not
            between, measured with the same records (median of 5): what one stop/start
            costs by itself.
 
+Each batch and separate figure is the median of REPEATS (3) runs, the samples in the JSON.
 Target (issue 10): batch overhead <= stopstart + 150 ms per board.
 """
 
@@ -35,12 +36,13 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from bench.run import MCU, BenchError, Rig, Watch, done_or_fail, first, ms, queue, request, serial_for
+from bench.run import MCU, BenchError, Rig, Watch, done_or_fail, first, machine, ms, queue, request, serial_for
 from tests.farm.fixtures import write_printer_state
 from tests.farm.images import make_image
 from tests.standins.fixtures import klipper_tree_update, make_klipper_tree, write_kconfig
 
 SIZES = (1, 3, 6)
+REPEATS = 3  # each figure is the median of this many runs
 PER_BOARD_MS = 150.0
 
 
@@ -69,7 +71,7 @@ def stop_start_by_hand(rig: Rig, daemon, repeats: int = 5) -> float:
     return statistics.median(spans)
 
 
-def bench_update_n(rig: Rig, tree: Path, n: int, index: int) -> Dict[str, Any]:
+def bench_update_n(rig: Rig, tree: Path, n: int, index: int, repeats: int) -> Dict[str, Any]:
     serials = [serial_for(300 + 10 * index + i) for i in range(n)]
     boards = {}
     for i, serial in enumerate(serials):
@@ -85,30 +87,71 @@ def bench_update_n(rig: Rig, tree: Path, n: int, index: int) -> Dict[str, Any]:
     rig.start_klipper(daemon)
     stopstart = stop_start_by_hand(rig, daemon)
 
-    # One batch.
+    batch_runs: List[Dict[str, float]] = []
+    separate_runs: List[Dict[str, float]] = []
+    for r in range(repeats):
+        if r:
+            for serial in serials:  # back into Katapult, as the first time
+                rig.farm.reset(serial, mode="katapult")
+                rig.farm.wait_for_mode(serial, "katapult")
+        batch_runs.append(one_batch(rig, daemon, force=r > 0))
+        separate_runs.append(separate_jobs(rig, daemon, serials, f"{n}-{r}"))
+    rig.systemctl(daemon, "stop")
+    daemon.stop()
+    for serial in serials:
+        rig.farm.unplug(serial)
+
+    def median(runs: List[Dict[str, float]], key: str) -> float:
+        return statistics.median(run[key] for run in runs)
+
+    overhead = median(batch_runs, "overhead")
+    target = stopstart + PER_BOARD_MS / 1000 * n
+    return {
+        "boards": n,
+        "repeats": repeats,
+        "stopstart_ms": ms(stopstart),
+        "batch": {"downtime_ms": ms(median(batch_runs, "downtime")), "tools_ms": ms(median(batch_runs, "tools")),
+                  "overhead_ms": ms(overhead),
+                  "overhead_samples_ms": [ms(run["overhead"]) for run in batch_runs],
+                  "overhead_per_board_beyond_stopstart_ms": ms((overhead - stopstart) / n)},
+        "separate": {"downtime_ms": ms(median(separate_runs, "downtime")),
+                     "tools_ms": ms(median(separate_runs, "tools")),
+                     "overhead_ms": ms(median(separate_runs, "overhead")),
+                     "overhead_samples_ms": [ms(run["overhead"]) for run in separate_runs],
+                     "klipper_stops": n},
+        "target_ms": ms(target),
+        "met": overhead <= target,
+    }
+
+
+def one_batch(rig: Rig, daemon, force: bool) -> Dict[str, float]:
+    """`update --all` once: Klipper's downtime and the tools' times, from the records."""
     rig.new_calls()
-    batch = request(daemon, {"cmd": "update", "all": True})["batch"]
+    batch = request(daemon, {"cmd": "update", "all": True, "force": force})["batch"]
     final = watch_batch(daemon, batch["id"])
     if final["state"] != "done" or final["klipper_stops"] != 1:
         raise BenchError(f"update ended {final['state']}: {final.get('message')}\n{daemon.log()[-4000:]}")
     calls = rig.new_calls()
-    jobs = [j for j in request(daemon, {"cmd": "history", "limit": 100})["jobs"] if j.get("batch") == batch["id"]]
+    jobs = [j for j in request(daemon, {"cmd": "history", "limit": 1000})["jobs"] if j.get("batch") == batch["id"]]
     for job in jobs:
         done_or_fail(job, daemon)
     stops = [c for c in calls if c["prog"] == "systemctl" and c.get("verb") == "stop"]
     starts = [c for c in calls if c["prog"] == "systemctl" and c.get("verb") == "start"]
     if len(stops) != 1 or len(starts) != 1:
         raise BenchError(f"the batch stopped Klipper {len(stops)} times, started it {len(starts)} times")
-    batch_downtime = starts[0]["time"] - stops[0]["time"]
-    batch_tools = sum(j["results"][-1]["elapsed_seconds"] for j in jobs)
+    downtime = starts[0]["time"] - stops[0]["time"]
+    tools = sum(j["results"][-1]["elapsed_seconds"] for j in jobs)
+    return {"downtime": downtime, "tools": tools, "overhead": downtime - tools}
 
-    # The same boards as N separate queue jobs.
+
+def separate_jobs(rig: Rig, daemon, serials: List[str], tag: str) -> Dict[str, float]:
+    """The same boards as separate `queue` jobs, one after the other."""
     downtimes: List[float] = []
     tools: List[float] = []
     for i, serial in enumerate(serials):
         rig.farm.reset(serial, mode="katapult")
         rig.farm.wait_for_mode(serial, "katapult")
-        version = f"v0.13.0-separate-{n}-{i}"
+        version = f"v0.13.0-separate-{tag}-{i}"
         job_id = queue(daemon, serial, make_image(mcu=MCU, version=version, size=5000, seed=i), version)
         rig.new_calls()
         job, _ = Watch(daemon, job_id).end()
@@ -118,32 +161,16 @@ def bench_update_n(rig: Rig, tree: Path, n: int, index: int) -> Dict[str, Any]:
         start = first(calls, "systemctl", "start", stop["time"])
         downtimes.append(start["time"] - stop["time"])
         tools.append(job["results"][-1]["elapsed_seconds"])
-    rig.systemctl(daemon, "stop")
-    daemon.stop()
-    for serial in serials:
-        rig.farm.unplug(serial)
-
-    overhead = batch_downtime - batch_tools
-    target = stopstart + PER_BOARD_MS / 1000 * n
-    return {
-        "boards": n,
-        "stopstart_ms": ms(stopstart),
-        "batch": {"downtime_ms": ms(batch_downtime), "tools_ms": ms(batch_tools), "overhead_ms": ms(overhead),
-                  "overhead_per_board_beyond_stopstart_ms": ms((overhead - stopstart) / n)},
-        "separate": {"downtime_ms": ms(sum(downtimes)), "tools_ms": ms(sum(tools)),
-                     "overhead_ms": ms(sum(downtimes) - sum(tools)), "klipper_stops": n},
-        "target_ms": ms(target),
-        "met": overhead <= target,
-    }
+    return {"downtime": sum(downtimes), "tools": sum(tools), "overhead": sum(downtimes) - sum(tools)}
 
 
-def bench_update(rig: Rig, sizes: Sequence[int] = SIZES) -> Dict[str, Any]:
+def bench_update(rig: Rig, sizes: Sequence[int] = SIZES, repeats: int = REPEATS) -> Dict[str, Any]:
     tree_parent = rig.workdir / "tree"
     tree_parent.mkdir()
     os.chmod(tree_parent, 0o755)
     tree = make_klipper_tree(tree_parent)
     klipper_tree_update(tree)
-    return {"per_n": [bench_update_n(rig, tree, n, i) for i, n in enumerate(sizes)]}
+    return {"per_n": [bench_update_n(rig, tree, n, i, repeats) for i, n in enumerate(sizes)]}
 
 
 def table(result: Dict[str, Any]) -> str:
@@ -158,6 +185,7 @@ def table(result: Dict[str, Any]) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.update", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", metavar="FILE", help="also write the JSON document to FILE")
+    parser.add_argument("--repeats", type=int, default=REPEATS, help=f"runs per figure (default {REPEATS})")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("bench.update: run it as root: sudo .venv/bin/python -m bench.update", file=sys.stderr)
@@ -167,14 +195,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     rig = Rig(workdir)
     started = time.monotonic()
     try:
-        result = bench_update(rig)
+        result = bench_update(rig, repeats=max(1, args.repeats))
     except BaseException:
         print(f"bench.update: failed; logs kept in {workdir}", file=sys.stderr)
         raise
     finally:
         rig.close()
     shutil.rmtree(workdir, ignore_errors=True)
-    document = {"command": "sudo .venv/bin/python -m bench.update",
+    document = {"command": "sudo .venv/bin/python -m bench.update", "machine": machine(),
                 "duration_s": round(time.monotonic() - started, 1), "update": result}
     text = json.dumps(document, indent=2)
     print(text)
