@@ -55,8 +55,10 @@ class Machine:
                         str(self.root)], check=True, capture_output=True, timeout=30)
         self._mounted = True
         with open(self.console_log, "ab") as log:
+            # setpriv --pdeathsig: a test run killed outright still powers the machine off.
             self.nspawn = subprocess.Popen(
-                ["systemd-nspawn", "--register=no", "--keep-unit", "--console=pipe", "--quiet",
+                ["setpriv", "--pdeathsig", "TERM", "--",
+                 "systemd-nspawn", "--register=no", "--keep-unit", "--console=pipe", "--quiet",
                  f"--machine={self.name}", "-D", str(self.root), "--boot"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         self.leader = wait_until(self._find_leader, timeout=BOOT_TIMEOUT, what="the container's systemd")
