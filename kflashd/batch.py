@@ -125,7 +125,8 @@ class BatchRun(CycleHost):
                 board.message = board.message or "not flashed: kflashd is stopping"
         if self.abort.is_set():
             batch.state = S_INTERRUPTED
-        elif any(b.state in (B_FAILED, B_BUILD_FAILED, B_NOT_FLASHED, B_INTERRUPTED) for b in batch.boards):
+        elif any(b.state in (B_FAILED, B_BUILD_FAILED, B_NOT_FLASHED, B_INTERRUPTED, B_QUEUED)
+                 for b in batch.boards):  # B_QUEUED here: not connected, its job waits
             batch.state = S_FAILED
         else:
             batch.state = S_DONE
