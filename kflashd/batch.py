@@ -106,8 +106,9 @@ class BatchRun(CycleHost):
                 self._changed()
 
     def wait_for_board(self, serial: str, mode: Union[str, Tuple[str, ...]], timeout: float,
-                       abort: threading.Event, port: Optional[str] = None) -> Optional[Board]:
-        return self.host.wait_for_board(serial, mode, timeout, abort, port=port)
+                       abort: threading.Event, port: Optional[str] = None,
+                       rom_port: Optional[str] = None) -> Optional[Any]:
+        return self.host.wait_for_board(serial, mode, timeout, abort, port=port, rom_port=rom_port)
 
     def klipper_start_failed(self, job: Optional[Job], message: str) -> None:  # type: ignore[override]
         self.host.klipper_start_failed(job, message)  # type: ignore[arg-type]
@@ -279,7 +280,8 @@ class BatchRun(CycleHost):
             board.message = "not connected: its job waits for the board in Katapult"
             self._changed()
             return None
-        cycle = FlashCycle(self, self.config, self.store, job, present, self.abort)
+        cycle = FlashCycle(self, self.config, self.store, job, present, self.abort,
+                           facts=getattr(self.host, "facts", None))
         refusal = cycle.refusal() or cycle.can_refusal()
         if refusal:
             self._record(board, job, Outcome(FAILED, refusal))

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
-from . import __version__, cancycle, canbus, journal, staging
+from . import __version__, cancycle, canbus, journal, preflight, staging
 from .control import PENDING, Connection, Reply, Request, error_reply
 from .cycle import image_matches_board
 from .devices import serial_from_by_id
@@ -140,6 +140,18 @@ class Commands:
                 f"the image says it is built for {embedded.mcu}, but its klipper.dict says "
                 f"{image_mcu}: a stale klipper.dict? rebuild, or queue again with --force",
             )
+        if embedded.mcu is None and not force and (embedded.complete or not image_mcu):
+            # No data dictionary in the bytes: not a Klipper build (a Katapult deployer.bin,
+            # a Marlin build, random bytes), or one whose MCU nobody can check. A klipper.dict
+            # beside it is only a neighbour and proves nothing about these bytes; it is taken
+            # only when the search stopped at its budget (a warning says so, below).
+            raise QueueError(
+                ("the search for the image's data dictionary stopped at its budget"
+                 if not embedded.complete else "the image carries no Klipper data dictionary")
+                + ", so the MCU it was built for cannot be read (a Katapult deployer.bin, another "
+                "firmware, or not firmware at all?): refusing it; queue it again with --force only "
+                "if you are sure it fits the board"
+            )
         image_mcu = embedded.mcu or image_mcu
         image_version = embedded.version or image_version
         target = self._resolve_selector(selector)
@@ -156,6 +168,10 @@ class Commands:
             refusal = image_matches_board(image_mcu, board or node, self.daemon.config)
             if refusal:
                 raise _Mismatch(refusal)
+        if node is None:
+            refusal = self._preflight(target.serial, target.name, image, now, force)
+            if refusal:
+                raise QueueError(refusal)
         job = Job(
             id=self.daemon.store.new_id(),
             selector=selector,
@@ -205,6 +221,23 @@ class Commands:
             return error_reply("bad_request", "boards must be a list of board names")
         batch = self.daemon.updates.start(boards, _flag(request, "all"), _flag(request, "force"))
         return {"ok": True, "batch": batch.to_dict()}
+
+    def _preflight(self, serial: str, name: Optional[str], image: bytes, now: bool, force: bool) -> Optional[str]:
+        """The checks that rest on what a USB board told kflashd before (boardfacts.py): it
+        is sent to its bootloader only when it is known to run Katapult, and an image must
+        fit the application start its Katapult reported. The cycle checks both again."""
+        facts = self.daemon.facts.get(serial)
+        if now:
+            named = self.daemon.config.board_by_serial(serial)
+            refusal = preflight.reboot_refusal(
+                name or serial, facts is not None and facts.seen_katapult is not None,
+                bool(named and named.katapult), named.name if named else None,
+            )
+            if refusal:
+                return refusal
+        if force or facts is None or facts.app_start is None or not preflight.is_cortex_m(facts.mcu):
+            return None
+        return preflight.offset_refusal(image, facts.app_start, facts.mcu)
 
     def _resolve_selector(self, selector: str) -> "Target":
         """Board name, USB serial, or a /dev path (by-id in either mode, by-path, the node).

@@ -67,14 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     queue = sub.add_parser("queue", help="stage a firmware image for a board",
                            description="Stage FIRMWARE for BOARD. The data dictionary that Klipper's build "
-                           "embeds in klipper.bin (or the klipper.dict beside it) tells the MCU it "
-                           "was built for; a board of another MCU is refused unless --force. The "
+                           "embeds in klipper.bin tells the MCU it was built for; an image without one, "
+                           "or for another MCU, is refused unless --force, and so is an image built for "
+                           "another bootloader offset than the board's Katapult uses. The "
                            "board may be plugged in later: the job waits for it.")
     queue.add_argument("board", metavar="BOARD", help="board name, USB serial or /dev/serial/by-id path")
     queue.add_argument("firmware", metavar="FIRMWARE", help="image to flash, e.g. ~/klipper/out/klipper.bin")
     queue.add_argument("--wait", action="store_true", help="follow the job live until it ends; the exit code tells the result")
-    queue.add_argument("--now", action="store_true", help="reboot the board into Katapult now if it runs Klipper")
-    queue.add_argument("--force", action="store_true", help="flash even if the image's MCU differs from the board's")
+    queue.add_argument("--now", action="store_true", help="reboot the board into Katapult now if it runs Klipper "
+                       "(only a board kflashd has seen in Katapult, or marked katapult = true in the config)")
+    queue.add_argument("--force", action="store_true", help="flash even if the image's MCU is unknown or differs "
+                       "from the board's, or its bootloader offset does not match")
 
     update = sub.add_parser("update", help="rebuild and reflash boards after a Klipper update",
                             description="Build each board from its saved Klipper config ([boards.NAME] "
@@ -209,9 +212,9 @@ def queue(client: ControlClient, config, args: argparse.Namespace) -> int:
         "force": args.force,
         "now": args.now,
     }
-    if info.mcu is None:
-        print("note: no klipper.dict beside the image and no data dictionary inside it: the image's "
-              "MCU is unknown, so it cannot be checked against the board's")
+    if info.mcu is None and args.force:
+        print("note: no data dictionary inside the image: its MCU is unknown and is not checked "
+              "against the board's (--force)")
     reply = checked(client.request(request))
     job = reply["job"]
     for warning in reply.get("warnings", []):

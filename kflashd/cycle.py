@@ -25,9 +25,22 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, MutableMapping, Optional, Tuple
 
 from . import bootloader, cancycle, canbus, flasher, guard, instances
+from .boardcheck import BoardCheck
+from .boardfacts import BoardFactsStore
 from .config import Config
 from .errors import DiscoveryError, Interrupted, KflashError, ServiceError, StateWriteError
-from .models import KLIPPER_MODES, MODE_BRIDGE, MODE_CAN_NODE, MODE_KATAPULT, WRITE_DONE, WRITE_STARTED, Board, FlashResult, Job
+from .models import (
+    KLIPPER_MODES,
+    MODE_BRIDGE,
+    MODE_CAN_NODE,
+    MODE_KATAPULT,
+    WRITE_DONE,
+    WRITE_STARTED,
+    Board,
+    FlashResult,
+    Job,
+    RomBootloader,
+)
 from .klipper_stop import KlipperStop
 from .store import JobStore
 
@@ -89,8 +102,9 @@ class CycleHost:
 
     def wait_for_board(
         self, serial: str, mode: "str | Tuple[str, ...]", timeout: float, abort: threading.Event,
-        port: Optional[str] = None,
-    ) -> Optional[Board]:
+        port: Optional[str] = None, rom_port: Optional[str] = None,
+    ) -> Optional[Any]:
+        """The board in `mode`; with `rom_port`, also a RomBootloader on that USB port."""
         raise NotImplementedError
 
     def klipper_start_failed(self, job: Job, message: str) -> None:
@@ -155,6 +169,7 @@ class FlashCycle:
         job: Job,
         board: Board,
         abort: threading.Event,
+        facts: Optional[BoardFactsStore] = None,
     ) -> None:
         self.host = host
         self.config = config
@@ -164,6 +179,7 @@ class FlashCycle:
         self.abort = abort
         self.log = JobLog(logging.getLogger("kflashd.cycle"), job)
         self.unrecorded: Optional[str] = None  # why the "written" record could not be saved
+        self.checks = BoardCheck(config, facts or BoardFactsStore(config.state_dir), job, self.log)
         self.returned: Optional[Board] = None  # the board back in Klipper mode after the flash
         self.api_sockets: List[str] = []  # every instance's socket, for the version proof
 
@@ -205,10 +221,18 @@ class FlashCycle:
         return self.after_start(outcome, stop.start_failure)
 
     def refusal(self) -> Optional[str]:
-        """Why this job's image must not go onto this board (checked before Klipper is touched)."""
-        if self.job.force:
-            return None
-        return image_matches_board(self.job.image_mcu, self.board, self.config)
+        """Why this job's image must not go onto this board, or this board must not be sent
+        to its bootloader (checked before Klipper is touched; boardcheck.py)."""
+        if not self.job.force:
+            refusal = image_matches_board(self.job.image_mcu, self.board, self.config)
+            if refusal:
+                return refusal
+        if self.board.mode == MODE_CAN_NODE:
+            return None  # a CAN toolhead: can_refusal()
+        try:
+            return self.checks.before(self.board, self.store.read_image(self.job))
+        except KflashError as e:
+            return str(e)
 
     def can_refusal(self) -> Optional[str]:
         """CAN: why not now (the bus missing or down, a toolhead in Katapult that is another
@@ -263,7 +287,11 @@ class FlashCycle:
             else:
                 self.log.info(f"asking {board.device_node} to reboot into Katapult")
                 bootloader.request_bootloader(board.device_node)
-            found = self._await_board(MODE_KATAPULT, config.timeout_bootloader)
+            found = self.host.wait_for_board(board.serial, MODE_KATAPULT, config.timeout_bootloader, self.abort,
+                                             port=board.port_path, rom_port=board.port_path)
+            self._check_abort()
+            if isinstance(found, RomBootloader):
+                return Outcome(FAILED, self.checks.in_rom_bootloader(board, found))
             if found is None:
                 return Outcome(
                     FAILED,
@@ -272,6 +300,10 @@ class FlashCycle:
                     f"installed on it? double-tap reset to enter it by hand)",
                 )
             board = self.board = found
+            refusal = self.checks.after_reboot(board, self.store.read_image(job), lambda timeout: self.host.wait_for_board(
+                board.serial, KLIPPER_MODES, timeout, self.abort, port=board.port_path))
+            if refusal:
+                return Outcome(FAILED, refusal)
 
         # Unplugged, or its node now belongs to another board: never flash by a stale node.
         target = flash_target(board)
@@ -341,14 +373,6 @@ class FlashCycle:
         if phase == "make_flash":
             shown = PHASE_FALLBACK
         self.host.phase(self.job, shown, percent)
-
-    def _await_board(self, mode: str, timeout: float) -> Optional[Board]:
-        """The board back in `mode` (same serial), through udev; None at the timeout."""
-        found = self.host.wait_for_board(
-            self.board.serial, mode, timeout, self.abort, port=self.board.port_path
-        )
-        self._check_abort()
-        return found
 
     def _check_abort(self) -> None:
         if self.abort.is_set():

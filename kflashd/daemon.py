@@ -21,6 +21,7 @@ import threading
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from . import __version__, cancycle, canbus, instances, journal
+from .boardfacts import BoardFactsStore
 from .commands import Commands, ambiguous_serial
 from .config import Config, load_config
 from .control import ControlServer
@@ -38,6 +39,7 @@ from .models import (
     KLIPPER_MODES,
     Board,
     Job,
+    RomBootloader,
 )
 from .notify import Notifier
 from .reactor import NEVER, Reactor
@@ -56,14 +58,16 @@ class BoardWaiter:
     """A cycle waiting for its board in a mode: same serial, and same USB port where known
     (a board keeps its port across the reboot between Klipper and Katapult)."""
 
-    __slots__ = ("serial", "port", "mode", "event", "board")
+    __slots__ = ("serial", "port", "mode", "event", "board", "rom_port")
 
-    def __init__(self, serial: str, mode: Union[str, Tuple[str, ...]], port: Optional[str]) -> None:
+    def __init__(self, serial: str, mode: Union[str, Tuple[str, ...]], port: Optional[str],
+                 rom_port: Optional[str] = None) -> None:
         self.serial = serial
         self.port = port
         self.mode = (mode,) if isinstance(mode, str) else tuple(mode)
         self.event = threading.Event()
-        self.board: Optional[Board] = None
+        self.board: Optional[Any] = None  # a Board, or the RomBootloader that came instead
+        self.rom_port = rom_port  # also wake on a chip's ROM bootloader on this USB port
 
     def wants(self, board: Board) -> bool:
         return (board.serial == self.serial and board.mode in self.mode
@@ -92,6 +96,9 @@ class Daemon(CycleHost):
         self.reactor = Reactor()
         self.notifier = Notifier()
         self.store = JobStore(config.state_dir)
+        self.facts = BoardFactsStore(config.state_dir)
+        self._probing = False  # a read-only CONNECT to a board in Katapult runs in a thread
+        self._probed: set = set()  # sys_paths of Katapult boards read since they appeared
         self.monitor: Optional[BoardMonitor] = None
         self.control: Optional[ControlServer] = None
         self.commands = Commands(self)
@@ -139,6 +146,11 @@ class Daemon(CycleHost):
         self.reactor.register_fd(self.monitor.fileno(), self._on_udev)
         for board in present:
             log.info(f"{board.mode} board {board.serial} ({board.mcu}) at {board.device_node}")
+            if board.mode == MODE_KATAPULT and not self.monitor.serial_is_shared(board.serial):
+                self.facts.seen_in_katapult(board.serial, board.port_path)
+        for rom in self.monitor.roms.values():
+            log.warning(f"a board sits in its ROM bootloader ({rom.what}, {rom.usb_id}) on USB port "
+                        f"{rom.port_path}: Klipper cannot reach it until it is power-cycled")
         self.recovery.examine()
 
         self.control = ControlServer(
@@ -199,13 +211,29 @@ class Daemon(CycleHost):
                 log.info(f"CAN interface {board.device_node}: {iface.state}"
                          + (f" (USB-to-CAN bridge {board.serial})" if board.serial else ""))
                 continue
+            if action == "rom":
+                self._on_rom_bootloader(board)
+                continue
             log.info(f"{action}: {board.mode} board {board.serial} ({board.mcu}) at {board.device_node}")
+            if action == "remove":
+                self._probed.discard(board.sys_path)
             if action == "add":
+                if board.mode == MODE_KATAPULT and not self.monitor.serial_is_shared(board.serial):
+                    self.facts.seen_in_katapult(board.serial, board.port_path)
                 self._wake_waiters(board)
                 if board.mode == MODE_KATAPULT and self.cycle is None:
                     self.recovery.examine()
         if changed:
             self.schedule()
+
+    def _on_rom_bootloader(self, rom: RomBootloader) -> None:
+        log.warning(f"a board appeared in its ROM bootloader ({rom.what}, {rom.usb_id}) on USB port "
+                    f"{rom.port_path}: Klipper cannot reach it until it is power-cycled")
+        with self._waiters_lock:
+            for waiter in self._waiters:
+                if waiter.rom_port is not None and waiter.rom_port == rom.port_path:
+                    waiter.board = rom
+                    waiter.event.set()
 
     def _on_stop_signal(self, signum: int) -> None:
         if self.stopping:
@@ -290,10 +318,14 @@ class Daemon(CycleHost):
 
     def schedule(self) -> None:
         """Start a cycle if a queued job's board is ready for it (loop thread only)."""
-        busy = self.cycle is not None or self._klipper_starting or self._guard_hold
-        if self.cycle is None and not self._klipper_starting and self.updates.grant_if_waiting():
+        busy = self.cycle is not None or self._klipper_starting or self._guard_hold or self._probing
+        if self.cycle is None and not self._klipper_starting and not self._probing \
+                and self.updates.grant_if_waiting():
             busy = True  # a batch takes Klipper's one stop: no single cycle meanwhile
         if busy or self.updates.holds_klipper() or self.stopping or self.monitor is None:
+            if not (self.cycle is not None or self._klipper_starting or self._probing
+                    or self.updates.holds_klipper() or self.stopping or self.monitor is None):
+                self._probe_next()  # held by the print guard only: a read-only CONNECT may run
             self.update_status()
             return
         for job in canbus.order_jobs(self.store.queued(), self.config, self.monitor.bridges()):
@@ -306,7 +338,47 @@ class Daemon(CycleHost):
             board = self._board_for(job)
             if board is not None and self._start_cycle(job, board):
                 break
+        if self.cycle is None:
+            self._probe_next()
         self.update_status()
+
+    def _probe_next(self) -> None:
+        """Read one board that waits in Katapult (CONNECT only) and remember its facts.
+
+        Why without a job: a later `--now` job for it (the board then runs Klipper) is checked
+        against its application start before Klipper is stopped. Runs only while no cycle
+        or batch does (one would find the port held), and schedule() waits for it.
+        """
+        assert self.monitor is not None
+        # Not a serial that two boards share (built without the chip id: 12345): facts are
+        # kept per serial, and such a board is touched only by a job that names its port.
+        board = next((b for b in self.monitor.boards.values()
+                      if b.mode == MODE_KATAPULT and b.sys_path not in self._probed
+                      and not self.monitor.serial_is_shared(b.serial)), None)
+        if board is None:
+            return
+        self._probed.add(board.sys_path)
+        self._probing = True
+        from .boardfacts import learn_board
+
+        baud = self.config.katapult_baud
+
+        def work() -> None:
+            try:
+                info = learn_board(self.facts, board, baud, timeout=0.5, tries=2)
+                text = (f"board {board.serial} in Katapult {info.version}: {info.mcu}, application "
+                        f"start 0x{info.app_start:08X}")
+            except KflashError as e:
+                text = f"board {board.serial} in Katapult could not be read: {e}"
+            self.reactor.call_soon_threadsafe(lambda: self._probe_done(text))
+
+        threading.Thread(target=work, name=f"probe-{board.serial}", daemon=True).start()
+
+    def _probe_done(self, text: str) -> None:
+        log.info(text)
+        self._probing = False
+        if not self.stopping:
+            self.schedule()
 
     def _board_for(self, job: Job) -> Optional[Board]:
         """The job's board, if it is ready: in Katapult, or (for --now) running Klipper."""
@@ -369,7 +441,7 @@ class Daemon(CycleHost):
 
         def work() -> None:
             try:
-                outcome = FlashCycle(self, config, self.store, job, board, running.abort).run()
+                outcome = FlashCycle(self, config, self.store, job, board, running.abort, facts=self.facts).run()
             except Exception as e:  # a bug must not leave the loop waiting forever
                 log.exception(f"job {job.id}: unexpected error in the flash cycle")
                 outcome = Outcome(FAILED, f"internal error: {e}")
@@ -490,9 +562,11 @@ class Daemon(CycleHost):
 
     def wait_for_board(
         self, serial: str, mode: Union[str, Tuple[str, ...]], timeout: float, abort: threading.Event,
-        port: Optional[str] = None,
-    ) -> Optional[Board]:
-        waiter = BoardWaiter(serial, mode, port)
+        port: Optional[str] = None, rom_port: Optional[str] = None,
+    ) -> Optional[Any]:
+        """The board in `mode`; with `rom_port`, also the RomBootloader that appeared on that
+        USB port instead (a board without Katapult); None at the timeout."""
+        waiter = BoardWaiter(serial, mode, port, rom_port)
         with self._waiters_lock:
             self._waiters.append(waiter)
             if abort.is_set():  # a stop signal came before we were on the list to be woken
@@ -509,8 +583,12 @@ class Daemon(CycleHost):
     def _check_waiter(self, waiter: BoardWaiter) -> None:
         assert self.monitor is not None
         found = [b for b in self.monitor.find(waiter.serial, waiter.mode) if waiter.wants(b)]
+        roms = [r for r in self.monitor.roms.values() if waiter.rom_port and r.port_path == waiter.rom_port]
         if found:
             waiter.board = found[0]
+            waiter.event.set()
+        elif roms:
+            waiter.board = roms[0]
             waiter.event.set()
 
     def _wake_waiters(self, board: Board) -> None:

@@ -9,7 +9,10 @@ What is a board: a tty whose USB device is Katapult (1d50:6177) or Klipper (1d50
 a USB device that runs Klipper as a USB-to-CAN bridge (1d50:606f: no tty, a `net` child
 such as can0). CAN interfaces (any `net` device of type CAN, under a bridge or another
 adapter) are followed too (`interfaces`), so the daemon knows when a bus appears or goes.
-Anything else (a USB-serial adapter) is ignored.
+A chip's ROM bootloader (STM32 DFU 0483:df11, RP2040 BOOTSEL 2e8a:0003: a USB device
+without a tty that a board without Katapult lands in after a bootloader request) is
+reported too ("rom", a RomBootloader), so a cycle waiting for Katapult on that USB port
+fails at once. Anything else (a USB-serial adapter) is ignored.
 """
 
 from __future__ import annotations
@@ -17,11 +20,21 @@ from __future__ import annotations
 import dataclasses
 import errno
 import re
-from typing import Dict, Iterator, List, Optional, Set, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple, Union
 
 from .errors import DiscoveryError
 from .canbus import Interface, is_up
-from .models import BRIDGE_USB_ID, KATAPULT_USB_ID, KLIPPER_USB_ID, MODE_BRIDGE, MODE_KATAPULT, MODE_KLIPPER, Board
+from .models import (
+    BRIDGE_USB_ID,
+    KATAPULT_USB_ID,
+    KLIPPER_USB_ID,
+    MODE_BRIDGE,
+    MODE_KATAPULT,
+    MODE_KLIPPER,
+    ROM_BOOTLOADER_IDS,
+    Board,
+    RomBootloader,
+)
 
 _SUBSYSTEMS = ("tty", "usb", "net")
 _ARPHRD_CAN = "280"  # /sys/class/net/<if>/type of a CAN interface (linux/if_arp.h)
@@ -129,6 +142,17 @@ def interface_from_device(device) -> Optional[Interface]:
     )
 
 
+def rom_from_device(device) -> Optional[RomBootloader]:
+    """Classify one pyudev usb_device: a chip's ROM bootloader, or None."""
+    if device.subsystem != "usb" or device.device_type != "usb_device":
+        return None
+    ids = ((_attr(device, "idVendor") or "").lower(), (_attr(device, "idProduct") or "").lower())
+    what = ROM_BOOTLOADER_IDS.get(ids)
+    if what is None:
+        return None
+    return RomBootloader(what=what, port_path=device.sys_name, sys_path=device.sys_path, usb_id=":".join(ids))
+
+
 def _classify(device) -> Optional[Board]:
     if device.subsystem == "tty":
         return board_from_device(device)
@@ -165,6 +189,7 @@ class BoardMonitor:
         # 12345): a chip id is unique, so such a serial names no board by itself, ever.
         self.shared_serials: Set[str] = set()
         self.interfaces: Dict[str, Interface] = {}  # CAN interfaces by name
+        self.roms: Dict[str, RomBootloader] = {}  # chips in their ROM bootloader, by sys_path
         # Counters for `kflashctl status --json` and the benchmark: a uevent burst must
         # show every event seen (or an overflow that forced a re-read), never a silent loss.
         # "uevents" counts tty uevents (every board has one), "can_uevents" those of USB
@@ -181,7 +206,7 @@ class BoardMonitor:
         return list(self.boards.values())
 
     def _read_all(self) -> None:
-        self.boards, self.interfaces = {}, {}
+        self.boards, self.interfaces, self.roms = {}, {}, {}
         for subsystem in _SUBSYSTEMS:
             for device in self._context.list_devices(subsystem=subsystem):
                 self._take(device)
@@ -193,6 +218,10 @@ class BoardMonitor:
             if interface is not None:
                 self.interfaces[interface.name] = interface
                 return self._bridge_of(device)
+            return None
+        rom = rom_from_device(device)
+        if rom is not None:
+            self.roms[rom.sys_path] = rom
             return None
         board = _classify(device)
         if board is not None:
@@ -220,8 +249,9 @@ class BoardMonitor:
     def fileno(self) -> int:
         return self._monitor.fileno()
 
-    def poll(self) -> Iterator[Tuple[str, Board]]:
-        """Drain pending uevents without blocking: yields ("add"|"remove", board)."""
+    def poll(self) -> Iterator[Tuple[str, Any]]:
+        """Drain pending uevents without blocking: yields ("add"|"remove", board), ("net",
+        bridge) and ("rom", RomBootloader) when a ROM bootloader appears."""
         while True:
             try:
                 device = self._monitor.poll(timeout=0)
@@ -242,11 +272,18 @@ class BoardMonitor:
                 yield from self._net_event(device, action)
                 continue
             if action == "remove":
+                self.roms.pop(device.sys_path, None)
                 board = self.boards.pop(device.sys_path, None)
                 if board is not None:
                     self.stats["board_events"] += 1
                     yield "remove", board
             elif action in ("add", "change", "bind", "move"):
+                rom = rom_from_device(device)
+                if rom is not None:
+                    if self.roms.get(rom.sys_path) != rom:
+                        self.roms[rom.sys_path] = rom
+                        yield "rom", rom
+                    continue
                 board = _classify(device)
                 if board is not None:
                     known = self.boards.get(board.sys_path)

@@ -52,6 +52,7 @@ MSG_FLASH_FAILED = "76b6222e729c46c2aeafdf520c12908c"
 MSG_KLIPPER_RESTART_FAILED = "198456ada4aa484d80ae1f870353c26d"
 MSG_JOB_INTERRUPTED = "bf79cde4788246e09bb4e11c18dd10b3"
 MSG_PRINT_GUARD_WAIT = "039cd6753afe4d55afd802246e84886d"
+MSG_ROM_BOOTLOADER = "a75417f737b846e6b29acb1e7525504d"
 
 #: Every MESSAGE_ID above, by name (the catalog test checks each has an entry).
 MESSAGE_IDS: Dict[str, str] = {
@@ -62,6 +63,7 @@ MESSAGE_IDS: Dict[str, str] = {
     "MSG_KLIPPER_RESTART_FAILED": MSG_KLIPPER_RESTART_FAILED,
     "MSG_JOB_INTERRUPTED": MSG_JOB_INTERRUPTED,
     "MSG_PRINT_GUARD_WAIT": MSG_PRINT_GUARD_WAIT,
+    "MSG_ROM_BOOTLOADER": MSG_ROM_BOOTLOADER,
 }
 
 #: The catalog file shipped as package data (pyproject: kflashd = ["catalog/*.catalog"]).

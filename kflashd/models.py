@@ -82,6 +82,22 @@ class Board:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+#: ROM bootloaders a board without Katapult lands in after a bootloader request: (vendor,
+#: product) -> how messages name it. No tty: Klipper cannot reach the board until it is
+#: power-cycled.
+ROM_BOOTLOADER_IDS = {("0483", "df11"): "STM32 DFU", ("2e8a", "0003"): "RP2040 BOOTSEL"}
+
+
+@dataclass(frozen=True)
+class RomBootloader:
+    """A chip's ROM bootloader on a USB port (see ROM_BOOTLOADER_IDS), as udev reports it."""
+
+    what: str  # "STM32 DFU", "RP2040 BOOTSEL"
+    port_path: str  # USB port, e.g. "1-1.2": the same as the board's that went there
+    sys_path: str
+    usb_id: str  # "0483:df11"
+
+
 # Job states. queued -> running -> done | failed | cancelled | interrupted;
 # a job interrupted mid-write goes back to queued only when the same board (serial and USB
 # port) waits in Katapult within timeouts.resume (kflashd/recovery.py).

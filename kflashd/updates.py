@@ -56,6 +56,7 @@ class RunningBatch:
 class Updates(BatchHost):
     def __init__(self, daemon: "Daemon") -> None:
         self.daemon = daemon
+        self.facts = daemon.facts  # what the boards' Katapult said (boardfacts.py), for the batch's cycles
         self.running: Optional[RunningBatch] = None
         self.directory = os.path.join(daemon.config.state_dir, "batches")
         self._start_failed = False  # the running batch's start of Klipper failed
@@ -309,8 +310,8 @@ class Updates(BatchHost):
         self._on_loop(finish)
 
     def wait_for_board(self, serial: str, mode: Union[str, Tuple[str, ...]], timeout: float, abort: threading.Event,
-                       port: Optional[str] = None) -> Optional[Board]:
-        return self.daemon.wait_for_board(serial, mode, timeout, abort, port=port)
+                       port: Optional[str] = None, rom_port: Optional[str] = None) -> Optional[Any]:
+        return self.daemon.wait_for_board(serial, mode, timeout, abort, port=port, rom_port=rom_port)
 
     def klipper_start_failed(self, job: Optional[Job], message: str) -> None:
         def update() -> None:

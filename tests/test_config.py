@@ -52,6 +52,9 @@ guard_retry = 0.5
 [boards.octopus]
 serial = "3A0029000851313433383932"
 mcu = "stm32f446xx"
+katapult = true
+[boards.ebb]
+serial = "4E0030000E50533357363520"
 """)
     c = load_config(path)
     assert (c.state_dir, c.runtime_dir, c.group, c.max_image_size) == ("/s", "/r", "g", 1000)
@@ -60,6 +63,7 @@ mcu = "stm32f446xx"
     assert (c.timeout_flash, c.timeout_service, c.timeout_bootloader, c.timeout_reboot) == (5, 6, 7, 0)
     assert c.board_by_name("octopus").mcu == "stm32f446xx"
     assert c.board_by_serial("3A0029000851313433383932").name == "octopus"
+    assert c.board_by_name("octopus").katapult is True and c.board_by_name("ebb").katapult is False
     assert c.sources["timeouts.flash"] == path and c.sources["group"] == path
 
 
@@ -76,6 +80,7 @@ mcu = "stm32f446xx"
         ("[printer]\nx = 1", "unknown section [printer]"),
         ("[boards.octopus]\nmcu = 'stm32f446xx'", "boards.octopus needs serial (a USB board) or canbus_uuid"),
         ("[boards.octopus]\nserial = 'AB'\nmcuu = 'x'", "unknown key 'boards.octopus.mcuu'"),
+        ("[boards.octopus]\nserial = 'AB'\nkatapult = 'yes'", "boards.octopus.katapult must be true or false"),
     ],
 )
 def test_bad_config_is_one_line_naming_file_and_key(tmp_path, text, message):

@@ -76,6 +76,23 @@ def make_daemon(tmp_path, farm, standins, notify_socket) -> Iterator:
         print(f"----- kflashd log ({daemon.workdir}) -----\n{daemon.log()}")
 
 
+def wait_for_board_facts(daemon: KflashdProcess, serial: str = SERIAL) -> dict:
+    """Wait until the daemon has read the board's Katapult (state_dir/boards.json); its entry."""
+    import json
+
+    from tests.support.wait import wait_until
+
+    path = daemon.state_dir / "boards.json"
+
+    def entry():
+        if not path.exists():
+            return None
+        found = json.loads(path.read_text())["boards"].get(serial) or {}
+        return found if found.get("app_start") is not None else None
+
+    return wait_until(entry, 10, f"the daemon to read board {serial}'s Katapult")
+
+
 @pytest.fixture
 def image(tmp_path):
     """A klipper.bin for the default board, with its klipper.dict beside it."""

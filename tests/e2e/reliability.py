@@ -36,7 +36,8 @@ ENV_OUT = "KFLASHD_RELIABILITY_OUT"
 JSONL_NAME = "reliability.jsonl"
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DOC = REPO / "docs" / "reliability.md"
-SUITE = ["tests/e2e/test_faults.py", "tests/e2e/test_crash.py", "tests/e2e/test_cycle.py", "tests/e2e/test_loop.py"]
+SUITE = ["tests/e2e/test_faults.py", "tests/e2e/test_crash.py", "tests/e2e/test_cycle.py", "tests/e2e/test_loop.py",
+         "tests/e2e/test_preflight.py"]
 
 #: Faults whose end-to-end test lives in test_cycle.py (owned elsewhere, not duplicated in
 #: test_faults.py). These tests do not record observed values, so the row shows what the test
@@ -71,10 +72,58 @@ COVERED_ELSEWHERE: List[Dict[str, str]] = [
     {
         "test": "tests/e2e/test_cycle.py::test_katapult_failure_falls_back_to_make_flash",
         "fault": "Katapult bootloader silent (make fallback allowed)",
-        "injected": "from the first command",
+        "injected": "after kflashd read the board's Katapult once (application start remembered)",
         "klipper": "asserted: stopped only around make",
         "job": "asserted: done via make_flash, make run as the tree's owner (uid 65534)",
         "evidence": "asserted: history method make_flash, make's argv FLASH_DEVICE",
+    },
+    {
+        "test": "tests/e2e/test_preflight.py::test_image_for_another_offset_is_refused_before_klipper_is_touched",
+        "fault": "image built for another bootloader offset (64 KiB build on a 32 KiB Katapult, and the reverse)",
+        "injected": "queued, then the board plugged in, in Katapult",
+        "klipper": "asserted: never stopped (no systemctl call), running",
+        "job": "asserted: failed, message names both offsets; the next such image refused at queue time",
+        "evidence": "asserted: 0 blocks written, no COMPLETE, board left in Katapult, flashtool never run",
+    },
+    {
+        "test": "tests/e2e/test_preflight.py::test_check_after_the_reboot_boots_the_old_firmware_and_starts_klipper",
+        "fault": "image built for another offset, `--now` board never read before (`katapult = true`)",
+        "injected": "after the reboot into Katapult",
+        "klipper": "asserted: stopped once, started again",
+        "job": "asserted: failed, message names both offsets",
+        "evidence": "asserted: 0 blocks written, COMPLETE alone, board runs its old firmware, flash unchanged",
+    },
+    {
+        "test": "tests/e2e/test_preflight.py::test_image_without_a_dictionary_is_refused_unless_forced",
+        "fault": "image without a data dictionary (like a Katapult deployer.bin)",
+        "injected": "at `kflashctl queue`",
+        "klipper": "asserted: untouched",
+        "job": "asserted: refused (exit 2, no job); with --force flashed",
+        "evidence": "asserted: kflashctl's message names the missing dictionary and --force",
+    },
+    {
+        "test": "tests/e2e/test_preflight.py::test_now_is_refused_for_a_board_never_seen_in_katapult",
+        "fault": "`--now` for a board never seen in Katapult and not marked `katapult = true`",
+        "injected": "at `kflashctl queue --now`",
+        "klipper": "asserted: untouched",
+        "job": "asserted: refused (exit 2), message says double-tap reset or `katapult = true`",
+        "evidence": "asserted: no bootloader request; once seen in Katapult, --now works",
+    },
+    {
+        "test": "tests/e2e/test_preflight.py::test_board_that_lands_in_its_rom_bootloader_fails_at_once[stm32_dfu-STM32 DFU-stm32f446xx]",
+        "fault": "board without Katapult lands in STM32 DFU (0483:df11) after the reboot request",
+        "injected": "`--now` (board wrongly marked `katapult = true`)",
+        "klipper": "asserted: started again",
+        "job": "asserted: failed at once (not at timeouts.bootloader = 60 s): \"in its ROM bootloader (STM32 DFU), not Katapult: power-cycle it\"",
+        "evidence": "asserted: journal entry MESSAGE_ID=a75417f737b846e6b29acb1e7525504d; board no longer counted as Katapult",
+    },
+    {
+        "test": "tests/e2e/test_preflight.py::test_board_that_lands_in_its_rom_bootloader_fails_at_once[rp2040_bootsel-RP2040 BOOTSEL-rp2040]",
+        "fault": "board without Katapult lands in RP2040 BOOTSEL (2e8a:0003) after the reboot request",
+        "injected": "`--now` (board wrongly marked `katapult = true`)",
+        "klipper": "asserted: started again",
+        "job": "asserted: failed at once: \"in its ROM bootloader (RP2040 BOOTSEL), not Katapult: power-cycle it\"",
+        "evidence": "asserted: journal entry MESSAGE_ID=a75417f737b846e6b29acb1e7525504d",
     },
 ]
 
@@ -223,10 +272,19 @@ def render(records: List[Dict[str, Any]], results: Dict[str, str], command: str,
     lines += MEMORY_SECTION
     lines += [
         "",
-        "## Covered by `test_cycle.py`",
+        "## Covered by `test_cycle.py` and `test_preflight.py`",
         "",
-        "These faults have their end-to-end test in `tests/e2e/test_cycle.py`; they are not",
-        "repeated in `test_faults.py`. The cells say what the test asserts; Result is from this run.",
+        "These faults have their end-to-end test in `tests/e2e/test_cycle.py` or",
+        "`tests/e2e/test_preflight.py`; they are not repeated in `test_faults.py`. The cells say",
+        "what the test asserts; Result is from this run.",
+        "",
+        "What kflashd refuses before anything is touched, and why: an image whose MCU cannot be",
+        "read (no data dictionary) or differs from the board's (both overridable with `--force`);",
+        "an image whose Cortex-M reset vector would not lie inside the image once written at the",
+        "application start the board's Katapult reports (it was built for another bootloader",
+        "offset and would never boot); a `--now` reboot request to a board not known to run",
+        "Katapult (it would land in its ROM bootloader, unreachable until power-cycled). A board",
+        "that lands in its ROM bootloader anyway ends its job at once, with Klipper started.",
         "",
         "| Fault | Injected | Klipper after | Job after | Evidence | Test | Result |",
         "|---|---|---|---|---|---|---|",

@@ -12,7 +12,7 @@ import signal
 
 import pytest
 
-from tests.e2e.conftest import MCU, SERIAL, Printer
+from tests.e2e.conftest import MCU, SERIAL, Printer, wait_for_board_facts
 from tests.e2e.harness import wait_until
 from tests.farm.images import make_image
 
@@ -71,7 +71,7 @@ def test_board_already_in_katapult_is_flashed_at_once(make_daemon, farm, standin
 
 def test_now_reboots_a_running_board_into_katapult(make_daemon, farm, standins, image):
     farm.add_board(serial=SERIAL, mcu=MCU, mode="klipper")
-    daemon = make_daemon(boards={"octopus": {"serial": SERIAL, "mcu": MCU}})
+    daemon = make_daemon(boards={"octopus": {"serial": SERIAL, "mcu": MCU, "katapult": True}})
     printer = Printer(standins, daemon)
     printer.start()
     wait_until(lambda: printer.running, 10, "the fake Klipper to run")
@@ -93,7 +93,6 @@ def test_now_reboots_a_running_board_into_katapult(make_daemon, farm, standins, 
 
 def test_katapult_failure_falls_back_to_make_flash(make_daemon, farm, standins, image, tmp_path):
     farm.add_board(serial=SERIAL, mcu=MCU, mode="katapult")
-    farm.set_fault(SERIAL, "silent")
     klipper = tmp_path / "klipper"
     (klipper / "out").mkdir(parents=True)
     (klipper / "out" / "klipper.bin").write_bytes(image.read_bytes())
@@ -101,6 +100,10 @@ def test_katapult_failure_falls_back_to_make_flash(make_daemon, farm, standins, 
     standins.set("flashtool", {"timeout": 0.3, "tries": 2, "retry_sleep": 0})
     daemon = make_daemon(klipper_dir=klipper, timeouts={"reboot": 0})
     Printer(standins, daemon).start()
+    # The daemon read the board's Katapult when it appeared; then Katapult falls silent: the
+    # remembered application start still checks the image, and make flash gets its turn.
+    wait_for_board_facts(daemon)
+    farm.set_fault(SERIAL, "silent")
 
     result = daemon.ctl("queue", SERIAL, str(image), "--wait")
     assert result.returncode == 0, result.stdout + result.stderr

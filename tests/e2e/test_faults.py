@@ -30,7 +30,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
-from tests.e2e.conftest import MCU, SERIAL, Printer
+from tests.e2e.conftest import MCU, SERIAL, Printer, wait_for_board_facts
 from tests.e2e.harness import PYTHON, REPO, KflashdProcess, wait_until
 from tests.e2e.reliability import record
 from tests.farm.images import make_dict, make_image
@@ -226,7 +226,10 @@ def test_make_flash_hang_is_killed_at_the_timeout(scene, farm, standins, image, 
     tree = make_tree(tmp_path, image)
     s = scene(timeouts={"flash": 3, "reboot": 0}, klipper_dir=tree)
     farm.add_board(serial=SERIAL, mcu=MCU, mode="katapult")
-    farm.set_fault(SERIAL, "silent")  # Katapult fails fast, then the fallback runs
+    # The daemon reads the board's Katapult when it appears (its application start is
+    # remembered); then Katapult falls silent: flashtool fails fast, and the fallback runs.
+    wait_for_board_facts(s.daemon)
+    farm.set_fault(SERIAL, "silent")
     standins.set("flashtool", FAST_FAILURE)
     standins.set("make", {"hang": True})
 
@@ -638,7 +641,7 @@ def test_reload_with_invalid_config_keeps_the_old_one(scene, farm, standins, not
 
 def test_sigterm_while_klipper_stops_leaves_the_board_alone(scene, farm, standins, notify_socket):
     """A --now job: SIGTERM during `systemctl stop` must not send the board to its bootloader."""
-    s = scene()
+    s = scene(boards={"octopus": {"serial": SERIAL, "katapult": True}})
     farm.add_board(serial=SERIAL, mcu=MCU, mode="klipper")
     standins.set("systemctl", {"stop": {"sleep": 1.5}})
     path = write_image(s.daemon.workdir / "now", size=3000, seed=8, version="v-now")

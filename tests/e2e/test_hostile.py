@@ -171,7 +171,9 @@ class Fuzz:
 
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
-        self.image = self.rng.randbytes(2048)
+        # A real Klipper-shaped image (data dictionary inside): a request with one field wrong
+        # must be refused for that field, not because the image has no dictionary.
+        self.image = make_image(mcu=MCU, size=2048, seed=seed)
         self.counts: Dict[str, int] = {}
 
     def count(self, what: str) -> None:
@@ -637,12 +639,17 @@ def test_mcu_mismatch_is_refused_with_exit_2(make_daemon, farm, tmp_path):
     daemon = make_daemon(boards={"octopus": {"serial": SERIAL}})
     out = tmp_path / "rp" / "out"
     out.mkdir(parents=True)
-    # No dictionary inside the image: the klipper.dict beside it tells the MCU.
-    (out / "klipper.bin").write_bytes(b"\x00\x20\x00\x20" + bytes(range(256)) * 8)
+    (out / "klipper.bin").write_bytes(make_image(mcu="rp2040", version="v-rp", size=3000, seed=3))
     (out / "klipper.dict").write_text(make_dict(mcu="rp2040", version="v-rp"))
     result = daemon.ctl("queue", "octopus", str(out / "klipper.bin"))
     assert result.returncode == 2, result.stdout + result.stderr
     assert "built for rp2040 but the board is stm32f446xx: refusing to flash" in result.stderr
+    # No dictionary inside the image: a klipper.dict beside it is only a neighbour and proves
+    # nothing about these bytes, so the image's MCU counts as unknown and it is refused.
+    (out / "klipper.bin").write_bytes(b"\x00\x20\x00\x20" + bytes(range(256)) * 8)
+    result = daemon.ctl("queue", "octopus", str(out / "klipper.bin"))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "no Klipper data dictionary" in result.stderr
     assert daemon.ctl_json("list") == []
 
 

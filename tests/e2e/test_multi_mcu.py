@@ -42,8 +42,8 @@ def printer_with_toolhead(make_daemon, farm, standins, main_version: str = MAIN_
     """
     farm.add_board(serial=SERIAL, mcu=MCU, mode="klipper", version=main_version)
     ebb = farm.add_board(serial=EBB_SERIAL, mcu=EBB_MCU, mode="klipper", version=EBB_OLD_VERSION)
-    daemon = make_daemon(boards={"octopus": {"serial": SERIAL, "mcu": MCU},
-                                 "ebb": {"serial": EBB_SERIAL, "mcu": EBB_MCU}}, **options)
+    daemon = make_daemon(boards={"octopus": {"serial": SERIAL, "mcu": MCU, "katapult": True},
+                                 "ebb": {"serial": EBB_SERIAL, "mcu": EBB_MCU, "katapult": True}}, **options)
     assert ebb["by_path"].startswith("/dev/serial/by-path/"), ebb
     ebb_spec = {"serial": EBB_SERIAL, "path": ebb["by_path"]} if ebb_by_path else EBB_SERIAL
     write_printer_state(daemon.printer_state, idle_timeout="Ready", mcus={"mcu": SERIAL, "mcu EBB": ebb_spec})

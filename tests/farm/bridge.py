@@ -16,7 +16,7 @@ import time
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from tests.farm.canbus import CanNode
-from tests.farm.common import MODES, PATH_PREFIX, RequestError, log
+from tests.farm.common import MODES, PATH_PREFIX, ROM_BOOTLOADERS, RequestError, log
 
 if TYPE_CHECKING:
     from tests.farm.controller import Board
@@ -117,20 +117,22 @@ class CanFarm:
         return None
 
     def _enumerate_dfu(self, b: Board) -> None:
-        """No Katapult: the request lands in the STM32 ROM bootloader (USB DFU 0483:df11, no
-        tty), where the board stays until it is power-cycled."""
+        """No Katapult: the request lands in the chip's ROM bootloader (STM32 USB DFU
+        0483:df11, RP2040 BOOTSEL 2e8a:0003; no tty) on the same USB port, where the board
+        stays until it is power-cycled."""
+        rom = ROM_BOOTLOADERS[b.rom_bootloader or "stm32_dfu"]
         b.devnum = self.next_devnum
         self.next_devnum += 1
         self.testbed.add_from_string("\n".join([
             f"P: {b.usb_syspath[len('/sys'):]}", "E: SUBSYSTEM=usb", "E: DEVTYPE=usb_device",
-            "E: PRODUCT=483/df11/2200", f"E: BUSNUM={b.busnum:03d}", f"E: DEVNUM={b.devnum:03d}",
-            "A: idVendor=0483", "A: idProduct=df11", "A: manufacturer=STMicroelectronics",
-            "A: product=STM32  BOOTLOADER", f"A: serial={b.serial}", f"A: busnum={b.busnum}",
-            f"A: devnum={b.devnum}", "A: bDeviceClass=00", "A: bNumInterfaces= 1",
+            f"E: PRODUCT={rom['vid'].lstrip('0')}/{rom['pid']}/2200", f"E: BUSNUM={b.busnum:03d}",
+            f"E: DEVNUM={b.devnum:03d}", f"A: idVendor={rom['vid']}", f"A: idProduct={rom['pid']}",
+            f"A: manufacturer={rom['manufacturer']}", f"A: product={rom['product']}", f"A: serial={b.serial}",
+            f"A: busnum={b.busnum}", f"A: devnum={b.devnum}", "A: bDeviceClass=00", "A: bNumInterfaces= 1",
         ]) + "\n")
         b.present, b.in_dfu, b.mode = True, True, "katapult"
         b.history.append("dfu")
-        log(f"{b.serial}: no Katapult: in the ROM bootloader (DFU 0483:df11)")
+        log(f"{b.serial}: no Katapult: in the ROM bootloader ({rom['vid']}:{rom['pid']})")
 
     def op_set_link(self, iface: str, up: bool) -> Dict[str, Any]:
         """`ip link set IFACE up/down`: the attributes change and a "change" uevent is sent."""

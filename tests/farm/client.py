@@ -180,17 +180,22 @@ class BoardFarm:
 
     # -- boards ---------------------------------------------------------------------------
     def add_board(self, serial: str, mcu: str = "stm32f446xx", mode: str = "katapult",
-                  page_size: int = 16 * 1024, app_start: int = 0x8008000, version: str = "v0.12.0-farm",
+                  page_size: int = 16 * 1024, app_start: Optional[int] = None, version: str = "v0.12.0-farm",
                   bootloader_version: str = "v0.0.1-110-gb0bf421", old_image: Optional[bytes] = None,
                   reconnect_delay: float = 0.0, plugged: bool = True, **extra: Any) -> Dict[str, Any]:
         """Create a board and (unless ``plugged=False``) plug it in.
 
         ``version`` is what a Klipper-mode board reports when its flash holds no Klipper
-        image; ``old_image`` is firmware already in flash at ``app_start``.
+        image; ``old_image`` is firmware already in flash at ``app_start`` (default: Katapult's
+        default for the MCU family, 0x8008000 on stm32, 0x10004000 on rp2040).
+        ``rom_bootloader="stm32_dfu"`` (or ``"rp2040_bootsel"``): no Katapult on the board; a
+        bootloader request leaves it in that ROM bootloader (a bare USB device, no tty).
         """
-        args: Dict[str, Any] = dict(serial=serial, mcu=mcu, mode=mode, page_size=page_size, app_start=app_start,
+        args: Dict[str, Any] = dict(serial=serial, mcu=mcu, mode=mode, page_size=page_size,
                                     version=version, bootloader_version=bootloader_version,
                                     reconnect_delay=reconnect_delay, plugged=plugged, **extra)
+        if app_start is not None:
+            args["app_start"] = app_start
         if old_image is not None:
             args["old_image"] = base64.b64encode(old_image).decode()
         return self.request("add_board", **args)

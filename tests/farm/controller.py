@@ -37,7 +37,15 @@ gi.require_version("UMockdev", "1.0")
 from gi.repository import UMockdev  # noqa: E402
 
 from tests.farm.bridge import CanFarm  # noqa: E402
-from tests.farm.common import MODES, PATH_PREFIX, USB_IDENTITY, RequestError, log  # noqa: E402
+from tests.farm.common import (  # noqa: E402
+    FAMILY_FLASH,
+    MODES,
+    PATH_PREFIX,
+    ROM_BOOTLOADERS,
+    USB_IDENTITY,
+    RequestError,
+    log,
+)
 from tests.farm.canbus import CanBusServer  # noqa: E402
 from tests.farm.images import find_dict  # noqa: E402
 from tests.farm.katapult import Fault, Flash, KatapultEmulator  # noqa: E402
@@ -90,7 +98,8 @@ class Board:
         self.last_eof_pages: Optional[int] = None
         self.history: List[str] = []
         self.can_interface: Optional[str] = None  # a USB-to-CAN bridge: its net interface
-        self.no_katapult = False  # a bootloader request lands in the chip's ROM DFU instead
+        self.no_katapult = False  # a bootloader request lands in the chip's ROM bootloader instead
+        self.rom_bootloader: Optional[str] = None  # which one: a key of ROM_BOOTLOADERS
         self.in_dfu = False
         self.ifindex = 0
 
@@ -351,6 +360,11 @@ class Controller(CanFarm):
                 self.reenumerate(b, "katapult")
         elif kind == "bootloader_request":
             b.bootloader_requests += 1
+            if b.no_katapult:
+                log(f"{serial}: 1200 baud, no Katapult -> the chip's ROM bootloader")
+                self.disconnect(b)
+                self._enumerate_dfu(b)
+                return
             log(f"{serial}: 1200 baud -> rebooting into Katapult")
             self.reenumerate(b, "katapult")
         elif kind == "can_boot":
@@ -364,12 +378,16 @@ class Controller(CanFarm):
         return {"pid": os.getpid(), "root_dir": self.root_dir}
 
     def op_add_board(self, serial: str, mcu: str = "stm32f446xx", mode: str = "katapult",
-                     page_size: int = 16 * 1024, app_start: int = 0x8008000, version: str = "v0.12.0-farm",
-                     bootloader_version: str = "v0.0.1-110-gb0bf421", flash_base: int = 0x8000000,
+                     page_size: int = 16 * 1024, app_start: Optional[int] = None, version: str = "v0.12.0-farm",
+                     bootloader_version: str = "v0.0.1-110-gb0bf421", flash_base: Optional[int] = None,
                      flash_size: int = 512 * 1024, old_image: Optional[str] = None,
                      reconnect_delay: float = 0.0, plugged: bool = True,
                      name: Optional[str] = None, can_interface: Optional[str] = None,
-                     no_katapult: bool = False) -> Dict[str, Any]:
+                     no_katapult: bool = False, rom_bootloader: Optional[str] = None) -> Dict[str, Any]:
+        """``rom_bootloader`` ("stm32_dfu", "rp2040_bootsel"; ``no_katapult`` alone means
+        "stm32_dfu"): the board has no Katapult, and a bootloader request (1200 baud on USB,
+        the CAN request for a bridge) lands it in that ROM bootloader on the same USB port.
+        ``app_start`` and ``flash_base`` default to Katapult's defaults for the MCU family."""
         if not isinstance(serial, str) or not re.fullmatch(r"[0-9A-Za-z]{1,64}", serial):
             raise RequestError(f"bad serial {serial!r}: 1-64 letters/digits, as a USB serial number")
         key = name or serial
@@ -379,6 +397,13 @@ class Controller(CanFarm):
             raise RequestError(f"board {key} exists already")
         if mode not in MODES:
             raise RequestError(f"bad mode {mode!r}: one of {', '.join(MODES)}")
+        if rom_bootloader is None and no_katapult:
+            rom_bootloader = "stm32_dfu"
+        if rom_bootloader is not None and rom_bootloader not in ROM_BOOTLOADERS:
+            raise RequestError(f"bad rom_bootloader {rom_bootloader!r}: one of {', '.join(ROM_BOOTLOADERS)}")
+        family_base, family_start = FAMILY_FLASH.get(mcu[:3].lower(), FAMILY_FLASH["stm"])
+        flash_base = family_base if flash_base is None else flash_base
+        app_start = family_start if app_start is None else app_start
         if not flash_base <= app_start < flash_base + flash_size:
             raise RequestError(f"app_start 0x{app_start:x} outside flash")
         try:
@@ -389,7 +414,8 @@ class Controller(CanFarm):
         if old_image is not None:
             b.flash.load(b.app_start, base64.b64decode(old_image))
         b.can_interface = can_interface
-        b.no_katapult = bool(no_katapult)
+        b.no_katapult = rom_bootloader is not None
+        b.rom_bootloader = rom_bootloader
         self.next_port += 1
         self.boards[key] = b
         if plugged:

@@ -6,7 +6,8 @@ and SIGTERMed by ``systemctl stop klipper``. While it runs it:
 - holds open the tty of every board it sees through pyudev (USB ``1d50:614e`` Klipper and
   ``1d50:6177`` Katapult), rescanning on uevents and every 100 ms, so a flash while
   "Klipper" runs fails the way it does on a real host (flashtool.py finds the tty in
-  another process's /proc/*/fd: "Serial device ... in use");
+  another process's /proc/*/fd: "Serial device ... in use"); it reads only the Klipper-mode
+  ones: Klipper never talks to a board that sits in its bootloader;
 - asks each Klipper-mode board which firmware it runs (``tests.farm.klipper_app``'s
   identify line) and reports that as ``mcu.mcu_version``;
 - serves ``objects/query``, ``objects/list`` and ``info`` on a UNIX stream socket, JSON
@@ -344,7 +345,10 @@ class FakeKlipper:
         while True:
             readers: List[Any] = [self.stop_r, self.server, self.monitor.fileno()]
             readers += [c["sock"] for c in self.clients.values()]
-            port_fds = {p.fd: p for p in self.held.values()}
+            # Only Klipper-mode ports are read: Klipper talks to its MCUs by their Klipper-mode
+            # path and never to a board in its bootloader (kflashd's read-only CONNECT to a
+            # board in Katapult gets its own answers); a Katapult port is only held.
+            port_fds = {p.fd: p for p in self.held.values() if p.mode == "klipper"}
             readers += list(port_fds)
             timeout = max(0.0, next_rescan - time.monotonic())
             readable, _, _ = select.select(readers, [], [], timeout)

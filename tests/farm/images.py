@@ -37,20 +37,46 @@ def make_dict(mcu: str = "stm32f446xx", version: str = "v0.13.0-test") -> str:
     return json.dumps(make_dict_data(mcu, version), separators=(",", ":"), sort_keys=True)
 
 
+def default_link_base(mcu: str) -> int:
+    """Where Klipper links an image for a board with Katapult's default offset."""
+    if mcu.lower().startswith("rp2"):
+        return 0x10004000  # rp2040: 16 KiB bootloader
+    if mcu.lower().startswith("lpc17"):
+        return 0x4000
+    return 0x08008000  # stm32: 32 KiB bootloader
+
+
+def vector_table(link_base: int, size: int, words: int) -> bytes:
+    """A Cortex-M vector table as a Klipper build has it: the initial stack pointer, then the
+    reset handler and every other handler inside the image, with the Thumb bit set.
+
+    Real builds (STM32F446, 32 KiB offset, 44 KiB image) put the reset handler some 28 KiB
+    into the image, far from the table: so here it sits at 5/8 of the image, and the default
+    handler just after it.
+    """
+    reset = link_base + (size * 5 // 8 & ~3)
+    default = reset + 0x14
+    table = [0x20020000, reset | 1] + [default | 1] * (words - 2)
+    return struct.pack(f"<{words}I", *table)
+
+
 def make_image(mcu: str = "stm32f446xx", version: str = "v0.13.0-test", size: int = DEFAULT_IMAGE_SIZE,
-               seed: Optional[int] = 0) -> bytes:
+               seed: Optional[int] = 0, link_base: Optional[int] = None, dictionary: bool = True) -> bytes:
     """A fake ``klipper.bin`` of exactly ``size`` bytes with the embedded compressed dict.
 
-    The first word (initial stack pointer of a Cortex-M vector table) is a plausible RAM
-    address, never 0 or 0xFFFFFFFF: Katapult treats those as "no application".
+    It starts with a vector table for ``link_base`` (default: Katapult's default offset for
+    the MCU family); its first word is a plausible RAM address, never 0 or 0xFFFFFFFF:
+    Katapult treats those as "no application". ``dictionary=False``: no data dictionary
+    (like a Katapult deployer.bin or a Marlin build).
     """
-    blob = zlib.compress(make_dict(mcu, version).encode(), 9)
+    blob = zlib.compress(make_dict(mcu, version).encode(), 9) if dictionary else b""
     if size < 64 + len(blob):
         raise ValueError(f"image size {size} too small for the {len(blob)}-byte dictionary")
     rng = random.Random(seed)
     data = bytearray(rng.randbytes(size))
-    data[0:8] = struct.pack("<II", 0x20020000, 0x08008000 | 0x1F5)
     at = 64 + (size - 64 - len(blob)) // 2
+    words = max(2, min(64, at // 4))
+    data[0:words * 4] = vector_table(default_link_base(mcu) if link_base is None else link_base, size, words)
     data[at:at + len(blob)] = blob
     return bytes(data)
 
