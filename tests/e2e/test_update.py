@@ -46,7 +46,7 @@ class UpdateRig:
     """A printer after `git pull`: the tree, saved kconfigs, boards, Klipper, kflashd."""
 
     def __init__(self, farm, standins, notify_socket, boards, journal_socket=None, timeouts=None,
-                 kconfig_options=None) -> None:
+                 kconfig_options=None, katapult_unknown=()) -> None:
         # The builder (`nobody`) must reach state_dir/builds: a world-traversable workdir.
         self.work = Path(tempfile.mkdtemp(prefix="kflashd-update-"))
         os.chmod(self.work, 0o755)
@@ -59,7 +59,7 @@ class UpdateRig:
             kconfig = write_kconfig(self.work / f"{name}.config", mcu, **(kconfig_options or {}).get(name, {}))
             key = "canbus_uuid" if mode == "can" else "serial"
             config_boards[name] = {key: serial, "mcu": mcu, "kconfig": str(kconfig)}
-            if mode != "can":
+            if mode != "can" and name not in katapult_unknown:
                 # Boards that run Klipper are sent to Katapult by the batch: known to run it.
                 config_boards[name]["katapult"] = True
             # printer.cfg: a CAN toolhead and a bridge by canbus_uuid, a USB board by serial
@@ -333,3 +333,20 @@ def test_update_wait_is_one_live_table_on_a_terminal(rig_factory, farm, standins
     rows = re.findall(r"octopus\s+flashing\s+(?:flashing|verifying) (\d+)%", text)
     assert len(rows) >= 3, text
     assert "update " in text and "done: 2 done (Klipper stopped 1 time)" in text, text
+
+
+def test_a_board_not_known_to_run_katapult_is_not_sent_to_it(rig_factory, farm, standins):
+    # spider runs Klipper, kflashd has never seen it in Katapult and its table does not say
+    # `katapult = true`: a reboot request could leave it in its ROM bootloader. It is refused
+    # before the stop; octopus is still flashed in the one stop.
+    boards = {name: BOARDS[name] for name in ("octopus", "spider")}
+    rig = rig_factory(boards=boards, katapult_unknown=("spider",))
+
+    result = rig.daemon.ctl("update", "--all", "--wait", timeout=120)
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "never seen board spider in Katapult" in result.stdout, result.stdout
+    assert farm.board(BOARDS["spider"][0])["bootloader_requests"] == 0
+    assert rig.board_runs_tree_build("octopus")
+    assert [v for v in standins.systemctl_verbs() if v in ("stop", "start")] == ["start", "stop", "start"]
+    assert rig.printer.running
