@@ -344,6 +344,13 @@ def apply_discovered_defaults(config: Config, unit_dirs=UNIT_DIRS) -> None:
     Only paths that exist are taken, so a half-installed host keeps the plain defaults and
     their errors stay obvious.
     """
+    if config.sources.get("klipper.services") == "default":
+        from .instances import discover_services  # KIAUH's klipper-1, klipper-2, ...
+
+        discovered = discover_services(unit_dirs)
+        if discovered is not None:
+            config.klipper_services, where = discovered
+            config.sources["klipper.services"] = f"discovered: KIAUH's instances in {where}"
     found = discover_klipper_home(config.klipper_services[0], unit_dirs)
     if found is None:
         return

@@ -26,7 +26,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import guard, proc
 from .errors import ConfigError
@@ -240,6 +240,50 @@ def api_sockets(config) -> List[str]:
     """Every instance's socket, for asking Klipper which version an MCU runs."""
     found = [i.socket for i in resolve(config) if i.socket]
     return found or [config.klipper_api_socket]
+
+
+# ---------------------------------------------------------------- KIAUH's instances ----------
+
+#: KIAUH names a second, third... Klipper `klipper-<name>.service`; Klipper's own Linux
+#: host MCU unit is `klipper-mcu.service` (scripts/klipper-mcu.service), which has no API
+#: socket: a unit counts only if it runs klippy (its ExecStart or KLIPPER_ARGS says so).
+_INSTANCE_UNIT = re.compile(r"klipper-[A-Za-z0-9_.@-]+\.service")
+
+
+def discover_services(unit_dirs: Sequence[str]) -> Optional[Tuple[List[str], str]]:
+    """(KIAUH's instance units, where they were found) when there is no klipper.service.
+
+    Only a read of the unit files (no systemctl): a host with `klipper.service` keeps the
+    default; one with only `klipper-1.service`, `klipper-2.service` (KIAUH's multi-instance
+    layout) gets them all, in name order, so every instance is stopped and asked.
+    """
+    names: Dict[str, str] = {}
+    for directory in unit_dirs:
+        if os.path.exists(os.path.join(directory, "klipper.service")):
+            return None
+        try:
+            entries = sorted(os.listdir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            if not _INSTANCE_UNIT.fullmatch(entry) or entry in names:
+                continue
+            try:
+                with open(os.path.join(directory, entry), encoding="utf-8", errors="replace") as f:
+                    text = f.read()
+            except OSError:
+                continue
+            if "klippy" in text or "KLIPPER_ARGS" in text:
+                names[entry] = directory
+    if not names:
+        return None
+    units = sorted(names, key=_natural)
+    return [u[: -len(".service")] for u in units], ", ".join(sorted(set(names.values())))
+
+
+def _natural(name: str) -> List[Any]:
+    """klipper-2 before klipper-10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 # ---------------------------------------------------------------- PrivateTmp ----------

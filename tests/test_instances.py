@@ -301,3 +301,37 @@ def test_instance_without_a_known_socket_holds_while_it_runs(tmp_path, standins,
     assert verdict.busy and 'klipper.api_sockets = { "klipper-2" = "PATH" }' in verdict.reason
     standins.set_unit_state("klipper-2", "inactive")
     assert not check_all(c)[0].busy
+
+
+# ---------------------------------------------------------------- KIAUH's instances ----------
+
+KIAUH_UNIT = ("[Service]\nType=simple\nUser=pi\nRemainAfterExit=yes\nWorkingDirectory=/home/pi/klipper\n"
+              "EnvironmentFile=/home/pi/{data}/systemd/klipper.env\n"
+              "ExecStart=/home/pi/klippy-env/bin/python $KLIPPER_ARGS\nRestart=always\nRestartSec=10\n")
+
+
+def test_kiauh_instances_become_the_services(tmp_path):
+    from kflashd.config import Config, apply_discovered_defaults
+
+    units = tmp_path / "units"
+    units.mkdir()
+    for name in ("klipper-1", "klipper-2", "klipper-10"):
+        (units / f"{name}.service").write_text(KIAUH_UNIT.format(data=f"printer_{name[8:]}_data"))
+    # Klipper's own Linux-host MCU unit has no API socket: never an instance
+    (units / "klipper-mcu.service").write_text("[Service]\nExecStart=/usr/local/bin/klipper_mcu -r\n")
+    config = Config()
+    config.sources["klipper.services"] = "default"
+    apply_discovered_defaults(config, unit_dirs=(str(units),))
+    assert config.klipper_services == ["klipper-1", "klipper-2", "klipper-10"]
+    assert config.sources["klipper.services"] == f"discovered: KIAUH's instances in {units}"
+    # a host with klipper.service keeps the default; a services key in the file wins
+    (units / "klipper.service").write_text(KIAUH_UNIT.format(data="printer_data"))
+    config = Config()
+    config.sources["klipper.services"] = "default"
+    apply_discovered_defaults(config, unit_dirs=(str(units),))
+    assert config.klipper_services == ["klipper"]
+    (units / "klipper.service").unlink()
+    config = Config(klipper_services=["klipper-2"])
+    config.sources["klipper.services"] = "/etc/kflashd/kflashd.toml"
+    apply_discovered_defaults(config, unit_dirs=(str(units),))
+    assert config.klipper_services == ["klipper-2"]

@@ -283,8 +283,6 @@ def test_reinstall_in_root_mode_offline(printer_host):
     assert f"kflashd.service: {documented} " in out, out
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 item 1: in --root mode the daemon does not reach Klipper's "
-                   "socket (pi:pi 0755; the root unit has no CAP_DAC_OVERRIDE), so the job waits as 'printer busy'")
 def test_root_mode_flashes_too(printer_host):
     m = printer_host.machine
     assert m.show("kflashd.service", "User") == "root"

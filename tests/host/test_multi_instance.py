@@ -19,8 +19,6 @@ def test_installer_finds_the_klipper_user_of_the_instances(multi_instance_host):
     assert m.show("kflashd.service", "ActiveState") == "active"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 item 1 (one socket per configured service): the daemon "
-                   "knows only [klipper] services = [\"klipper\"] and one api_socket, not the instances' units")
 def test_daemon_finds_both_instances_and_their_sockets(multi_instance_host):
     m = multi_instance_host.machine
     config = json.loads(m.run(["kflashctl", "config", "--json"], user=ph.USER).stdout)
