@@ -180,15 +180,27 @@ class BatchRun(CycleHost):
         A CAN toolhead's and a bridge's [mcu] name them by canbus_uuid (a bridge's is
         configured or derived from its USB serial); a USB board's by its serial path.
         """
-        api = self.config.klipper_api_socket
+        sockets = instances.api_sockets(self.config)  # every Klipper instance's
+        uuid: Optional[str] = None
+        by_path: Optional[str] = None
         if board.kind == KIND_CAN_TOOLHEAD:
-            return canbus.query_mcu_version_for_uuid(api, board.serial)
-        if board.kind == KIND_CAN_BRIDGE:
+            uuid = board.serial
+        elif board.kind == KIND_CAN_BRIDGE:
             uuid = canbus.bridge_uuid(self.config, board.serial)
-            return canbus.query_mcu_version_for_uuid(api, uuid) if uuid else None
-        present = self.host.wait_for_board(board.serial, MODE_KLIPPER, 0.5, self.abort, port=board.port)
-        return guard.query_mcu_version_for(self.config.klipper_api_socket, board.serial,
-                                           by_path=present.by_path if present else None)
+            if not uuid:
+                return None
+        else:
+            present = self.host.wait_for_board(board.serial, MODE_KLIPPER, 0.5, self.abort, port=board.port)
+            by_path = present.by_path if present else None
+        for api in sockets:
+            if uuid is not None:
+                version = canbus.query_mcu_version_for_uuid(api, uuid)
+            else:  # several instances: only a section that names the board counts
+                version = guard.query_mcu_version_for(api, board.serial, by_path=by_path,
+                                                      lone_mcu=len(sockets) == 1)
+            if version is not None:
+                return version
+        return None
 
     def _build_one(self, board: BatchBoard, board_config: BoardConfig) -> Optional[Job]:
         board.state, board.phase, board.percent = B_BUILDING, "building", None

@@ -423,7 +423,11 @@ class Daemon(CycleHost):
         job.state = JOB_RUNNING
         job.attempts += 1
         job.message = f"flashing {board.device_node}"
-        job.write = job.write_started = job.write_port = job.write_device = None
+        if job.resume_until is None:
+            job.write = job.write_started = job.write_port = job.write_device = None
+        # else: repeating an interrupted write: its record (the board's port, the write's
+        # start) stays until this attempt writes; a guard that holds the job (the API
+        # socket not up yet right after Klipper was started) must not lose it.
         try:
             self.store.update(job)
         except StateWriteError as e:

@@ -148,3 +148,35 @@ def test_root_mode_reaches_the_socket_and_the_version_proof(make_daemon, farm, s
     assert job["state"] == "done", job["message"]
     assert printer.guard_queries() >= 1
     assert job["version_confirmed"] is True, job
+
+
+def test_interrupted_write_held_by_the_guard_is_still_repeated(make_daemon, farm, standins, notify_socket):
+    # SIGKILL mid-write; the restarted daemon starts Klipper, which now says "printing"
+    # (or has no socket yet): the guard holds the repeat, and the write's record (which
+    # board, which port) must survive the hold, or the job could never be repeated.
+    from tests.farm.images import make_image
+
+    farm.add_board(serial=SERIAL, mcu=MCU, mode="katapult")
+    farm.set_fault(SERIAL, "slow", bytes_per_second=1000)
+    daemon = make_daemon()
+    printer = Printer(standins, daemon)
+    printer.start()
+    big = make_image(mcu=MCU, version="v-big", size=30000, seed=4)
+    path = daemon.workdir / "big.bin"
+    path.write_bytes(big)
+    job_id = daemon.queue(SERIAL, str(path))
+    notify_socket.wait_for(lambda m: "Flashing" in m and "%" in m and not m.endswith(": 0%"), timeout=20)
+    daemon.kill()
+    farm.set_fault(SERIAL, None)
+    daemon.set_printer(print_stats="printing", idle_timeout="Printing")
+    daemon.start_ready(notify_socket)
+    wait_until(lambda: printer.running, 10, "Klipper started by the restarted daemon")
+    asked = printer.guard_queries()
+    wait_until(lambda: printer.guard_queries() >= asked + 2, 15, "the guard holding the repeat twice")
+    assert daemon.job(job_id)["state"] in ("queued", "running"), daemon.job(job_id)
+
+    daemon.set_printer(print_stats="complete", idle_timeout="Idle")
+    job = daemon.wait_job(job_id, ["done", "failed", "interrupted"], timeout=60)
+    assert job["state"] == "done", job["message"]
+    padded = big + b"\xff" * (-len(big) % 64)
+    assert farm.flashed_image(SERIAL, len(padded)) == padded

@@ -296,7 +296,8 @@ def test_root_mode_flashes_too(printer_host):
         def settled() -> Optional[str]:
             if proc.poll() is not None:
                 return "exited"
-            waits = m.journal("-u", "kflashd", "-o", "cat", f"MESSAGE_ID={MSG_WAITS_PRINTING}", "-n", "1")
+            waits = m.journal("-u", "kflashd", "-o", "cat", f"MESSAGE_ID={MSG_WAITS_PRINTING}",
+                              f"_PID={main_pid(m)}", "-n", "1")  # this daemon's, not an earlier test's
             return f"waits: {waits}" if waits.strip() and "-- No entries --" not in waits else None
         how = wait_until(settled, timeout=FLASH_TIMEOUT, what="the root-mode job to finish")
         assert how == "exited", how
