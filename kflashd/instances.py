@@ -46,6 +46,19 @@ class UnitFacts:
     exec_start: List[List[str]] = field(default_factory=list)  # argv per ExecStart=, $VARS unexpanded
     env_files: List[str] = field(default_factory=list)
     environment: Dict[str, str] = field(default_factory=dict)
+    # "exited" with main pid 0: KIAUH's units have RemainAfterExit=yes, so a klippy that
+    # exited leaves them "active" with no process at all.
+    sub_state: Optional[str] = None
+    main_pid: Optional[int] = None
+
+    @property
+    def not_running(self) -> Optional[str]:
+        """Why systemd says nothing of this instance runs, or None (it may run)."""
+        if self.active_state in NOT_RUNNING_STATES:
+            return self.active_state
+        if self.active_state == "active" and self.sub_state == "exited" and self.main_pid == 0:
+            return "active but exited (no process: RemainAfterExit=yes)"
+        return None
 
 
 @dataclass(frozen=True)
@@ -107,7 +120,9 @@ def parse_show(text: str, count: int) -> List[UnitFacts]:
                 if eq:
                     environment[name] = val
         state = (block.get("ActiveState") or [""])[-1] or None
-        facts.append(UnitFacts(state, argvs, env_files, environment))
+        sub = (block.get("SubState") or [""])[-1] or None
+        pid = (block.get("MainPID") or [""])[-1]
+        facts.append(UnitFacts(state, argvs, env_files, environment, sub, int(pid) if pid.isdigit() else None))
     return facts
 
 
@@ -115,7 +130,7 @@ def show_units(services: Sequence[str], timeout: float = TIMEOUT_SHOW) -> Dict[s
     """One `systemctl show` for all units; a unit systemctl could not tell about gets
     UnitFacts() (state unknown), which the guard treats as "may be running"."""
     units = [unit_name(s) for s in services]
-    argv = ["systemctl", "show", "-p", "ActiveState,ExecStart,EnvironmentFiles,Environment", *units]
+    argv = ["systemctl", "show", "-p", "ActiveState,SubState,MainPID,ExecStart,EnvironmentFiles,Environment", *units]
     unknown = {s: UnitFacts() for s in services}
     try:
         result = proc.run(argv, timeout)
@@ -391,8 +406,9 @@ def _check_one(instance: Instance, timeout: float, private: bool) -> guard.Guard
         return guard.GuardVerdict(True, f"configuration error: {verdict.reason}. {access_fix(instance)}",
                                   True, answered=False, warning=True)
     state = instance.facts.active_state
-    if state in NOT_RUNNING_STATES:
-        return guard.GuardVerdict(False, f"{unit} is {state} ({verdict.reason}): nothing to ask", False,
+    stopped = instance.facts.not_running
+    if stopped:
+        return guard.GuardVerdict(False, f"{unit} is {stopped} ({verdict.reason}): nothing to ask", False,
                                   answered=False)
     said = f"its unit is {state}" if state else "systemctl could not tell whether its unit runs"
     return guard.GuardVerdict(

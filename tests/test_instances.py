@@ -335,3 +335,16 @@ def test_kiauh_instances_become_the_services(tmp_path):
     config.sources["klipper.services"] = "/etc/kflashd/kflashd.toml"
     apply_discovered_defaults(config, unit_dirs=(str(units),))
     assert config.klipper_services == ["klipper-2"]
+
+
+def test_kiauh_unit_whose_klippy_exited_is_not_running(tmp_path):
+    # RemainAfterExit=yes: klippy gone, the unit still "active" (SubState exited, MainPID 0)
+    block = "ActiveState=active\nSubState=exited\nMainPID=0\n"
+    (facts,) = parse_show(block, 1)
+    assert facts.not_running and "exited" in facts.not_running
+    stale(tmp_path / "klippy.sock")
+    instance = Instance("klipper", str(tmp_path / "klippy.sock"), "test", facts)
+    assert not instances._check_one(instance, 0.5, False).busy
+    running = parse_show("ActiveState=active\nSubState=running\nMainPID=612\n", 1)[0]
+    assert running.not_running is None
+    assert instances._check_one(Instance("klipper", str(tmp_path / "klippy.sock"), "test", running), 0.5, False).busy
