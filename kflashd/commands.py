@@ -366,6 +366,8 @@ class Commands:
             if conn.watching is None:
                 conn.send({"event": "end", "batch": batch.to_dict()})
                 conn.finish()
+            else:
+                self.daemon.keepalive.arm()
             return None
         job = self.daemon.store.get(_string(request, "job"))
         conn.send({"ok": True, "job": job.to_dict()})
@@ -374,6 +376,7 @@ class Commands:
             conn.finish()
             return None
         conn.watching = job.id
+        self.daemon.keepalive.arm()
         if self.daemon.cycle is not None and self.daemon.cycle.job.id == job.id:
             conn.send({"event": "phase", "phase": self.daemon.cycle.phase, "percent": self.daemon.cycle.percent, "job_id": job.id})
         elif self.daemon.guard_wait:

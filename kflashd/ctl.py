@@ -20,6 +20,8 @@ from . import __version__
 from .config import load_config
 from .control import ControlClient
 from .errors import AccessDenied, ConfigError, DaemonUnreachable, KflashError
+from .keepalive import CLIENT_SILENCE
+from .keepalive import INTERVAL as KEEPALIVE
 
 EXIT_OK = 0
 EXIT_FLASH_FAILED = 1
@@ -226,41 +228,61 @@ def queue(client: ControlClient, config, args: argparse.Namespace) -> int:
     return watch(config, job["id"])
 
 
-def watch(config, job_id: str, out: TextIO = sys.stdout) -> int:
-    """Follow a job to its end; a progress bar on a terminal, one line per step otherwise."""
+def watch(config, job_id: str, out: TextIO = sys.stdout, silence: float = CLIENT_SILENCE) -> int:
+    """Follow a job to its end; a progress bar on a terminal, one line per step otherwise.
+
+    Never forever: the daemon says something every KEEPALIVE seconds, so `silence` seconds
+    without a line, or a closed connection, end the wait with a message (exit 3)."""
+    with ControlClient(config.control_socket, timeout=silence, group=config.group) as client:
+        try:
+            return _follow(client, job_id, out)
+        except DaemonUnreachable as e:
+            raise DaemonUnreachable(watch_lost(str(e), f"job {job_id}", silence)) from None
+
+
+def watch_lost(why: str, what: str, silence: float = CLIENT_SILENCE) -> str:
+    """What kflashctl says when a watch stream ends without its end event."""
+    if "did not answer" in why:
+        why = (f"kflashd has sent nothing for {silence:g} s (it says something every "
+               f"{KEEPALIVE:g} s): it may be hung or overloaded (journalctl -u kflashd)")
+    elif "closed the connection" in why:
+        why = "kflashd closed the connection before the end (stopped or restarted?)"
+    return f"{why}; stopped waiting for {what}, which may still go on: see kflashctl status and kflashctl history"
+
+
+def _follow(client: ControlClient, job_id: str, out: TextIO) -> int:
     tty = out.isatty()
     bar_shown = False
     last_plain = None  # (phase, quarter) of the last plain line: a log gets steps, not every percent
-    with ControlClient(config.control_socket, timeout=None, group=config.group) as client:
-        first = checked(client.request({"cmd": "watch", "job": job_id}))
-        label = first["job"]["board_name"] or first["job"]["serial"]
-        if first["job"]["state"] == "queued":
-            out.write(f"waiting for {label} to enter Katapult (double-tap reset, or queue with --now)\n")
-            out.flush()
-        for event in client.events():
-            if event.get("event") == "end":
-                if bar_shown:
-                    out.write("\n")
-                return report_end(event["job"], out)
-            if event.get("event") != "phase":
+    first = checked(client.request({"cmd": "watch", "job": job_id}))
+    label = first["job"]["board_name"] or first["job"]["serial"]
+    if first["job"]["state"] == "queued":
+        out.write(f"waiting for {label} to enter Katapult (double-tap reset, or queue with --now)\n")
+        out.flush()
+    for event in client.events():
+        if event.get("event") == "end":
+            if bar_shown:
+                out.write("\n")
+            return report_end(event["job"], out)
+        if event.get("event") != "phase":
+            continue
+        phase, percent = event.get("phase", ""), event.get("percent")
+        message = event.get("message")
+        if tty and percent is not None:
+            bar = "#" * (percent * 30 // 100)
+            out.write(f"\r{phase:<24} [{bar:<30}] {percent:3d}%")
+            bar_shown = True
+        else:
+            key = (phase, None if percent is None else percent // 25)
+            if key == last_plain:
                 continue
-            phase, percent = event.get("phase", ""), event.get("percent")
-            message = event.get("message")
-            if tty and percent is not None:
-                bar = "#" * (percent * 30 // 100)
-                out.write(f"\r{phase:<24} [{bar:<30}] {percent:3d}%")
-                bar_shown = True
-            else:
-                key = (phase, None if percent is None else percent // 25)
-                if key == last_plain:
-                    continue
-                last_plain = key
-                if bar_shown:
-                    out.write("\n")
-                    bar_shown = False
-                text = phase + (f" {percent}%" if percent is not None else "") + (f": {message}" if message else "")
-                out.write(text + "\n")
-            out.flush()
+            last_plain = key
+            if bar_shown:
+                out.write("\n")
+                bar_shown = False
+            text = phase + (f" {percent}%" if percent is not None else "") + (f": {message}" if message else "")
+            out.write(text + "\n")
+        out.flush()
     return EXIT_FLASH_FAILED
 
 

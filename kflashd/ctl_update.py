@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, TextIO, Tuple
 
 from .batch_records import BOARD_FINAL
 from .control import ControlClient
+from .errors import DaemonUnreachable
 
 # Exit codes as kflashctl's (ctl.py).
 EXIT_OK = 0
@@ -56,21 +57,26 @@ def exit_code(batch: Dict[str, Any]) -> int:
 
 def follow(config: Any, batch_id: str, out: Optional[TextIO]) -> Dict[str, Any]:
     """Stream the update's events to its end; returns its final record."""
-    from .ctl import checked
+    from .ctl import checked, watch_lost
+    from .keepalive import CLIENT_SILENCE
 
     table = LiveTable(out) if out is not None else None
-    with ControlClient(config.control_socket, timeout=None, group=config.group) as client:
-        latest = checked(client.request({"cmd": "watch", "batch": batch_id}))["batch"]
-        if table is not None:
-            table.show(latest)
-        for event in client.events():
-            if "batch" not in event:
-                continue
-            latest = event["batch"]
+    # Bounded like `queue --wait`: keepalives come every 15 s, a minute of silence ends it.
+    with ControlClient(config.control_socket, timeout=CLIENT_SILENCE, group=config.group) as client:
+        try:
+            latest = checked(client.request({"cmd": "watch", "batch": batch_id}))["batch"]
             if table is not None:
                 table.show(latest)
-            if event.get("event") == "end":
-                break
+            for event in client.events():
+                if "batch" not in event:
+                    continue
+                latest = event["batch"]
+                if table is not None:
+                    table.show(latest)
+                if event.get("event") == "end":
+                    break
+        except DaemonUnreachable as e:
+            raise DaemonUnreachable(watch_lost(str(e), f"update {batch_id}")) from None
     if table is not None:
         table.close()
     return latest

@@ -45,6 +45,7 @@ from .notify import Notifier
 from .reactor import NEVER, Reactor
 from .signals import EarlySignals
 from .staging import StagingWorker
+from .keepalive import Keepalive
 from .recovery import Recovery, remove_marker
 from .store import JobStore
 from .updates import Updates
@@ -103,6 +104,7 @@ class Daemon(CycleHost):
         self.control: Optional[ControlServer] = None
         self.commands = Commands(self)
         self.recovery = Recovery(self)
+        self.keepalive = Keepalive(self)
         self.staging = StagingWorker(self.reactor)
         self.updates = Updates(self)  # `kflashctl update` batches (updates.py, batch.py)
         self.cycle: Optional[RunningCycle] = None

@@ -403,9 +403,13 @@ class JobStore:
         return f"cannot stage job: {_os_reason(e)} in {self.state_dir}"
 
     def _discard_files(self, job_id: str) -> None:
-        """Remove what a failed staging may have written (metadata first: the commit point)."""
-        _unlink_quietly(self._meta_path(job_id))
-        _unlink_quietly(self._image_path(job_id))
+        """Remove what a failed staging may have written (metadata first: the commit point).
+        On a read-only file system nothing was written, and unlink fails too: no matter."""
+        for path in (self._meta_path(job_id), self._image_path(job_id)):
+            try:
+                _unlink_quietly(path)
+            except OSError:
+                pass
         for directory in (self.jobs_dir, self.images_dir):
             try:
                 _fsync_dir(directory)

@@ -36,8 +36,8 @@ ENV_OUT = "KFLASHD_RELIABILITY_OUT"
 JSONL_NAME = "reliability.jsonl"
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DOC = REPO / "docs" / "reliability.md"
-SUITE = ["tests/e2e/test_faults.py", "tests/e2e/test_crash.py", "tests/e2e/test_cycle.py", "tests/e2e/test_loop.py",
-         "tests/e2e/test_preflight.py"]
+SUITE = ["tests/e2e/test_faults.py", "tests/e2e/test_crash.py", "tests/e2e/test_disk.py", "tests/e2e/test_cycle.py",
+         "tests/e2e/test_loop.py", "tests/e2e/test_preflight.py"]
 
 #: Faults whose end-to-end test lives in test_cycle.py (owned elsewhere, not duplicated in
 #: test_faults.py). These tests do not record observed values, so the row shows what the test
@@ -266,7 +266,7 @@ def render(records: List[Dict[str, Any]], results: Dict[str, str], command: str,
             _cell(r["evidence"]), f"`{_short(r['test'])}`", results.get(r["test"], "not run"),
         ]) + " |")
     missing = [t for t, outcome in results.items()
-               if t.startswith(("tests/e2e/test_faults.py", "tests/e2e/test_loop.py", "tests/e2e/test_crash.py")) and t not in seen]
+               if t.startswith(("tests/e2e/test_faults.py", "tests/e2e/test_loop.py", "tests/e2e/test_crash.py", "tests/e2e/test_disk.py")) and t not in seen]
     for test in missing:
         lines.append(f"| (no record) | | | | | `{_short(test)}` | {results[test]} |")
     lines += MEMORY_SECTION

@@ -23,6 +23,7 @@ import pytest
 
 from tests.e2e.conftest import MCU, SERIAL
 from tests.e2e.harness import wait_until
+from tests.e2e.reliability import record
 from tests.e2e.test_faults import BYSTANDER, padded, scene, slow_flash, write_image  # noqa: F401
 
 pytestmark = pytest.mark.e2e
@@ -147,4 +148,9 @@ def test_interrupted_job_is_examined_after_every_cycle(scene, farm, standins, no
     assert job["state"] == "done", job
     data = path.read_bytes()
     assert farm.flashed_image(SERIAL, len(padded(data))) == padded(data)
-    s.klipper_running()
+    klipper = s.klipper_running()
+    record(fault="kflashd stopped mid-write; its board returns in Katapult while another board flashes",
+           injected="mid-write (SIGTERM), then during another job's cycle", klipper=klipper,
+           job=f"{job['state']}: {job['message']}",
+           evidence=f"{s.log_line('re-queued: the board it was writing to', job_id)} (right after the "
+                    f"other cycle, no further uevent); image byte-exact; the other job done too")
