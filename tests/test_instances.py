@@ -158,24 +158,27 @@ def test_socket_under_private_tmp_found_in_the_unit_holds_the_job(tmp_path, stan
 
 
 def test_check_visible_refuses_a_hidden_socket_for_real(tmp_path):
-    """The daemon under a bind-mounted private /tmp, as systemd sets it up, refuses at start."""
+    """The daemon under a bind-mounted private temporary directory, as systemd sets it up,
+    refuses at start. The bind goes over /var/tmp (PrivateTmp= gives both): over /tmp it
+    would also hide a checkout or a CI copy that lives under /tmp."""
     private = tmp_path / "systemd-private-0123abcd-kflashd.service-XyZ" / "tmp"
     private.mkdir(parents=True)
     repo = Path(__file__).resolve().parents[1]
-    (private / "kflashd.toml").write_text(
-        'state_dir = "/tmp/state"\nruntime_dir = "/tmp/run"\n'
-        f'[klipper]\nservices = ["klipper"]\napi_socket = "/tmp/klippy_uds"\n'
+    config = tmp_path / "kflashd.toml"
+    config.write_text(
+        f'state_dir = "{tmp_path / "state"}"\nruntime_dir = "{tmp_path / "run"}"\n'
+        f'[klipper]\nservices = ["klipper"]\napi_socket = "/var/tmp/klippy_uds"\n'
         f'[katapult]\ndir = "{repo / "tests" / "standins" / "katapult"}"\n')
     import subprocess
     import sys
 
-    script = 'mount --bind "$1" /tmp && exec "$2" -m kflashd.daemon --config /tmp/kflashd.toml'
+    script = 'mount --bind "$1" /var/tmp && exec "$2" -m kflashd.daemon --config "$3"'
     out = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
-                          str(private), sys.executable],
+                          str(private), sys.executable, str(config)],
                          capture_output=True, text=True, timeout=30, cwd=str(repo),
                          env={k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"})
     assert out.returncode == 78, out.stdout + out.stderr
-    assert "/tmp/klippy_uds" in out.stderr and "PrivateTmp=yes" in out.stderr
+    assert "/var/tmp/klippy_uds" in out.stderr and "PrivateTmp=yes" in out.stderr
 
 
 # ---------------------------------------------------------------- the verdicts ----------
