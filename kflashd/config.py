@@ -345,7 +345,7 @@ def apply_discovered_defaults(config: Config, unit_dirs=UNIT_DIRS) -> None:
     their errors stay obvious.
     """
     if config.sources.get("klipper.services") == "default":
-        from .instances import discover_services  # KIAUH's klipper-1, klipper-2, ...
+        from .klipper_units import discover_services  # KIAUH's klipper-1, klipper-2, ...
 
         discovered = discover_services(unit_dirs)
         if discovered is not None:

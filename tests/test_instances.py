@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
-import tempfile
 import threading
 from pathlib import Path
 from typing import List
@@ -20,18 +18,8 @@ import pytest
 from kflashd import instances
 from kflashd.config import load_config
 from kflashd.errors import ConfigError
-from kflashd.instances import (
-    Instance,
-    UnitFacts,
-    api_socket_from_argv,
-    check_all,
-    check_visible,
-    expand,
-    parse_show,
-    private_tmp,
-    read_env_file,
-    resolve,
-)
+from kflashd.instances import Instance, check_all, check_visible, private_tmp, resolve
+from kflashd.klipper_units import UnitFacts, api_socket_from_argv, expand, parse_show, read_env_file
 
 # What systemd 252 prints for `systemctl show -p ActiveState,ExecStart,EnvironmentFiles,
 # Environment klipper-1.service klipper-2.service` on a KIAUH host (two instances).
