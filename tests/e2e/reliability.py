@@ -78,8 +78,16 @@ COVERED_ELSEWHERE: List[Dict[str, str]] = [
         "evidence": "asserted: history method make_flash, make's argv FLASH_DEVICE",
     },
     {
-        "test": "tests/e2e/test_preflight.py::test_image_for_another_offset_is_refused_before_klipper_is_touched",
-        "fault": "image built for another bootloader offset (64 KiB build on a 32 KiB Katapult, and the reverse)",
+        "test": "tests/e2e/test_preflight.py::test_image_for_another_offset_is_refused_before_klipper_is_touched[64k-image-on-32k-board]",
+        "fault": "image built for another bootloader offset (a 64 KiB build on a 32 KiB Katapult)",
+        "injected": "queued, then the board plugged in, in Katapult",
+        "klipper": "asserted: never stopped (no systemctl call), running",
+        "job": "asserted: failed, message names both offsets; the next such image refused at queue time",
+        "evidence": "asserted: 0 blocks written, no COMPLETE, board left in Katapult, flashtool never run",
+    },
+    {
+        "test": "tests/e2e/test_preflight.py::test_image_for_another_offset_is_refused_before_klipper_is_touched[32k-image-on-64k-board]",
+        "fault": "image built for another bootloader offset (a 32 KiB build on a 64 KiB Katapult)",
         "injected": "queued, then the board plugged in, in Katapult",
         "klipper": "asserted: never stopped (no systemctl call), running",
         "job": "asserted: failed, message names both offsets; the next such image refused at queue time",

@@ -43,7 +43,7 @@ def learnt(daemon, serial: str = SERIAL) -> dict:
 @pytest.mark.parametrize("board_start, image_base, built, board_text", [
     (0x8008000, 0x08010000, "built for 0x08010000 (64 KiB bootloader)", "0x08008000 (32 KiB bootloader)"),
     (0x8010000, 0x08008000, "built for 0x08008000 (32 KiB bootloader)", "0x08010000 (64 KiB bootloader)"),
-])
+], ids=["64k-image-on-32k-board", "32k-image-on-64k-board"])
 def test_image_for_another_offset_is_refused_before_klipper_is_touched(
         make_daemon, farm, standins, board_start, image_base, built, board_text):
     daemon = make_daemon()
