@@ -116,6 +116,7 @@ class Daemon(CycleHost):
         self._waiters: List[BoardWaiter] = []
         self._waiters_lock = threading.Lock()
         self._guard_timer = self.reactor.register_timer(self._guard_retry)
+        self._probe_timer = self.reactor.register_timer(self._probe_overdue)
         self._klipper_timer = self.reactor.register_timer(self._retry_klipper_start)
         self._state_timer = self.reactor.register_timer(self._retry_state_writes)
         # No uevent tells that a CAN link went up: while a CAN job waits for its bus, look.
@@ -361,6 +362,10 @@ class Daemon(CycleHost):
             return
         self._probed.add(board.sys_path)
         self._probing = True
+        from .katapult import PROBE_BOUND
+
+        # Bounded: a read that hangs (a board gone mid-read) must not hold every job back.
+        self.reactor.update_timer(self._probe_timer, self.reactor.monotonic() + PROBE_BOUND)
         from .boardfacts import learn_board
 
         baud = self.config.katapult_baud
@@ -379,8 +384,16 @@ class Daemon(CycleHost):
     def _probe_done(self, text: str) -> None:
         log.info(text)
         self._probing = False
+        self.reactor.update_timer(self._probe_timer, NEVER)
         if not self.stopping:
             self.schedule()
+
+    def _probe_overdue(self, now: float) -> float:
+        log.warning("the read of a board in Katapult did not end in time; scheduling goes on without it")
+        self._probing = False
+        if not self.stopping:
+            self.schedule()
+        return NEVER
 
     def _board_for(self, job: Job) -> Optional[Board]:
         """The job's board, if it is ready: in Katapult, or (for --now) running Klipper."""

@@ -113,8 +113,7 @@ def _command(port: serial.Serial, code: int, payload: bytes, timeout: float, tri
     """Send `code` until it is acked; the ACK's payload after the acked command word."""
     for _ in range(tries):
         port.reset_input_buffer()
-        port.write(frame(code, payload))
-        port.flush()
+        port.write(frame(code, payload))  # no flush(): tcdrain waits forever on a dead line
         deadline = time.monotonic() + timeout
         while True:
             reply = _read_frame(port, deadline)
@@ -128,11 +127,15 @@ def _command(port: serial.Serial, code: int, payload: bytes, timeout: float, tri
     raise DiscoveryError(f"no answer to command 0x{code:02x} after {tries} tries")
 
 
+PROBE_BOUND = 5.0  # seconds the daemon's scheduler waits for a background read at most
+
+
 def _open(device_node: str, baud: int) -> serial.Serial:
     port = serial.Serial()
     port.port = device_node
     port.baudrate = baud or DEFAULT_BAUD
     port.timeout = 0.2
+    port.write_timeout = 1.0  # a board that left USB must not hold the caller
     try:
         port.open()
     except (serial.SerialException, OSError, ValueError) as e:
@@ -167,7 +170,6 @@ def probe(device_node: str, usb_product: str = "", baud: int = 0, timeout: float
     try:
         if needs_prime(usb_product):
             port.write(frame(CMD_PRIME))
-            port.flush()
             _read_frame(port, time.monotonic() + 0.1)  # the 0xF2 it answers is not needed
         try:
             payload = _command(port, CMD_CONNECT, b"", timeout, tries)
