@@ -33,7 +33,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
-from . import journal, service
+from . import cancycle, journal, service
 from .errors import KflashError, StateWriteError
 from .models import (
     JOB_DONE,
@@ -134,6 +134,23 @@ def no_resume_reason(job: Job, others: List[Job], now: float, resume: float) -> 
     return None
 
 
+def can_node_advice(job: Job, why: str) -> str:
+    """What an interrupted write to a CAN toolhead becomes: never repeated on its own.
+
+    A CAN node never appears in udev (as Katapult or otherwise): kflashd learns of it only by
+    asking its bus when a --now job runs, so there is no "the same board waits in Katapult"
+    to resume on. The user queues the image again with --now.
+    """
+    bus = f" on {job.write_device}" if job.write_device else ""
+    return (
+        f"interrupted mid-write{f' ({why})' if why else ''} and not flashed again: the CAN node "
+        f"{job.serial}{bus} may hold a half-written image, and a CAN node is never seen in "
+        f"Katapult through udev, so kflashd does not repeat the write on its own. Queue the "
+        f"image again with --now (kflashctl queue {job.selector} FIRMWARE --now --wait): it is "
+        f"flashed once the node answers on its CAN bus"
+    )
+
+
 class Recovery:
     """The daemon's crash-recovery duties (loop thread)."""
 
@@ -184,6 +201,8 @@ class Recovery:
                 f"interrupted, nothing written ({why}); it is not queued again: queue it again "
                 f"if it is still wanted"
             )
+        if cancycle.node_board(self.daemon.config, job.serial) is not None:
+            return JOB_INTERRUPTED, can_node_advice(job, why)
         resume = self.daemon.config.timeout_resume
         if job.write_started is not None and resume > 0:
             job.resume_until = job.write_started + resume

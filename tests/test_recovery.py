@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from kflashd.models import MODE_KATAPULT, MODE_KLIPPER, Board, FlashResult, Job
-from kflashd.recovery import no_resume_reason, same_board, settled_after_write
+from kflashd.recovery import can_node_advice, no_resume_reason, same_board, settled_after_write
 
 SERIAL = "3A0029000851313433383932"
 
@@ -43,6 +43,32 @@ def test_resume_deadline_clock_and_newer_jobs():
     assert "ba9876543210 was queued for this board since" in no_resume_reason(job(), [newer], now, 60)
     older = job(id="ba9876543210", created=now - 500, state="done")
     assert no_resume_reason(job(), [older], now, 60) is None
+
+
+def test_can_node_write_is_never_resumed_and_says_to_queue_again_with_now():
+    advice = can_node_advice(job(write_port=None, write_device="can0"), "kflashd was stopped")
+    assert "CAN node" in advice and "can0" in advice and "--now" in advice
+    assert "USB port" not in advice
+
+
+def test_interrupted_can_node_write_gets_the_can_advice(tmp_path):
+    """The daemon's decision for a write to a configured CAN toolhead (uuid as the job's
+    serial, no USB port recorded) is the CAN advice, not "the USB port ... is not known"."""
+    from types import SimpleNamespace
+
+    from kflashd.config import load_config
+    from kflashd.recovery import Recovery
+
+    path = tmp_path / "kflashd.toml"
+    path.write_text('[boards.ebb]\ncanbus_uuid = "0e0d81e4210c"\nmcu = "stm32g0b1xx"\n')
+    daemon = SimpleNamespace(config=load_config(str(path)),
+                             reactor=SimpleNamespace(register_timer=lambda callback: object()))
+    recovery = Recovery(daemon)  # type: ignore[arg-type]
+    state, message = recovery.after_interruption(
+        job(serial="0e0d81e4210c", selector="ebb", write_port=None, write_device="can0"), "stopped")
+    assert state == "interrupted" and "CAN node 0e0d81e4210c on can0" in message and "--now" in message
+    state, message = recovery.after_interruption(job(write_port=None), "stopped")
+    assert "USB port it was written through is not known" in message  # a USB board keeps its reason
 
 
 def test_written_is_final():
