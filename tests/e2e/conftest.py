@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Iterator, List
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, List
 
 import pytest
 
-from tests.e2e.harness import REPO, KflashdProcess
+from tests.e2e.harness import REPO, KflashdProcess, wait_until
 from tests.farm.fixtures import write_klipper_unit
 from tests.farm.images import make_dict, make_image
 
 SERIAL = "3A0029000851313433383932"
 MCU = "stm32f446xx"
+
+
+def padded(data: bytes, block: int = 64) -> bytes:
+    """The image as the board holds it: padded with 0xFF to whole blocks."""
+    return data + b"\xff" * (-len(data) % block)
 
 
 class Printer:
@@ -104,3 +113,26 @@ def image(tmp_path):
     return out / "klipper.bin"
 
 
+@pytest.fixture
+def scene(make_daemon, farm, standins) -> Iterator:
+    """Factory: scene(**make_daemon options) -> Scene with Klipper running and a bystander job."""
+
+    from tests.e2e.scene import Scene
+
+    def factory(**options: Any) -> Scene:
+        daemon = make_daemon(**options)
+        printer = Printer(standins, daemon)
+        printer.start()
+        wait_until(lambda: printer.running, 10, "the fake Klipper to run")
+        return Scene(daemon, printer, standins, farm)
+
+    yield factory
+
+
+@pytest.fixture
+def open_workdir() -> Iterator[Path]:
+    """A workdir nobody may enter (pytest's tmp_path is root-only) but not write."""
+    directory = Path(tempfile.mkdtemp(prefix="kflashd-hostile-"))
+    os.chmod(directory, 0o755)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.conftest import MCU, Printer
+from tests.e2e.conftest import MCU, Printer, padded
 from tests.e2e.harness import wait_until
 from tests.farm.fixtures import write_printer_state
 from tests.farm.images import make_dict, make_image
@@ -31,10 +31,6 @@ def build(tmp_path, name: str, mcu: str, version: str = NEW, seed: int = 3):
     (out / "klipper.bin").write_bytes(make_image(mcu=mcu, version=version, size=3000, seed=seed))
     (out / "klipper.dict").write_text(make_dict(mcu=mcu, version=version))
     return out / "klipper.bin"
-
-
-def padded(data: bytes) -> bytes:
-    return data + b"\xff" * (-len(data) % 64)
 
 
 def can_printer(make_daemon, farm, standins, bridge_mode: str = "klipper", toolhead: bool = True, **options):

@@ -21,10 +21,10 @@ import signal
 
 import pytest
 
-from tests.e2e.conftest import MCU, SERIAL
+from tests.e2e.conftest import MCU, SERIAL, padded
 from tests.e2e.harness import wait_until
 from tests.e2e.reliability import record
-from tests.e2e.test_faults import BYSTANDER, padded, scene, slow_flash, write_image  # noqa: F401
+from tests.e2e.scene import BYSTANDER, slow_flash, write_image
 
 pytestmark = pytest.mark.e2e
 

@@ -12,15 +12,11 @@ import signal
 
 import pytest
 
-from tests.e2e.conftest import MCU, SERIAL, Printer, wait_for_board_facts
+from tests.e2e.conftest import MCU, SERIAL, Printer, padded, wait_for_board_facts
 from tests.e2e.harness import wait_until
 from tests.farm.images import make_image
 
 pytestmark = pytest.mark.e2e
-
-
-def padded(image: bytes, block: int = 64) -> bytes:
-    return image + b"\xff" * (-len(image) % block)
 
 
 def assert_klipper_stopped_only_around(standins, tool: str = "flashtool") -> None:

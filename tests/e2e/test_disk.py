@@ -23,7 +23,7 @@ from typing import Iterator, List
 import pytest
 
 from tests.e2e.conftest import MCU, SERIAL
-from tests.e2e.test_faults import BYSTANDER, flashing_percent, scene, write_image  # noqa: F401
+from tests.e2e.scene import flashing_percent, write_image
 
 pytestmark = pytest.mark.e2e
 

@@ -15,14 +15,12 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 
@@ -535,15 +533,6 @@ def test_fuzzed_control_socket_keeps_serving_and_rejects_without_writing(make_da
 
 
 # ---------------------------------------------------------------- who may connect --
-
-
-@pytest.fixture
-def open_workdir() -> Iterator[Path]:
-    """A workdir nobody may enter (pytest's tmp_path is root-only) but not write."""
-    directory = Path(tempfile.mkdtemp(prefix="kflashd-hostile-"))
-    os.chmod(directory, 0o755)
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def ctl_as(daemon: KflashdProcess, user: str, group: str, *args: str,

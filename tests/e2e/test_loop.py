@@ -11,15 +11,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import select
 import signal
 import socket
 import subprocess
 import threading
 import time
-from pathlib import Path
-from typing import Any, Dict, List
+from typing import List
 
 import pytest
 
@@ -28,7 +26,6 @@ from tests.e2e import reliability
 from tests.e2e.conftest import MCU, SERIAL, Printer
 from tests.e2e.harness import KflashdProcess
 from tests.support import public
-from tests.e2e.test_hostile import open_workdir  # noqa: F401 (fixture)
 from tests.farm.images import bomb_image, make_image
 
 pytestmark = pytest.mark.e2e
@@ -87,7 +84,7 @@ class WatchdogClock:
 
 
 def test_status_and_watchdog_keep_going_under_a_crafted_image_and_full_buffers(
-        farm, standins, notify_socket, temp_group, open_workdir):  # noqa: F811
+        farm, standins, notify_socket, temp_group, open_workdir):
     farm.add_board(serial=SERIAL, mcu=MCU, mode="katapult")
     farm.set_fault(SERIAL, "slow", bytes_per_second=1000)
     daemon = KflashdProcess(open_workdir, farm.env, standins.dir, notify_socket=notify_socket.address,

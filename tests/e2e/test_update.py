@@ -22,7 +22,7 @@ import pytest
 
 from kflashd.canbus import uuid_from_serial
 from kflashd.devices import serial_from_by_id
-from tests.e2e.conftest import Printer, wait_for_board_facts
+from tests.e2e.conftest import Printer, padded, wait_for_board_facts
 from tests.e2e.harness import KflashdProcess, wait_until
 from tests.farm.fixtures import write_printer_state
 from tests.standins.fixtures import klipper_tree_update, make_klipper_tree, write_kconfig
@@ -36,10 +36,6 @@ BOARDS = {
     "spider": ("2B0030000951313433383933", "stm32f407xx", "klipper"),
     "ebb": ("E6616407E3246B29", "rp2040", "klipper"),
 }
-
-
-def padded(image: bytes, block: int = 64) -> bytes:
-    return image + b"\xff" * (-len(image) % block)
 
 
 class UpdateRig:
