@@ -7,15 +7,13 @@ with the data dictionary embedded (MCU from the config, version from `git descri
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from kflashd import build
 from tests.farm.images import find_dict
+from tests.support import public
 from tests.standins.fixtures import (
     NOBODY,
     klipper_tree_update,
@@ -30,10 +28,7 @@ MCU = "stm32f446xx"
 @pytest.fixture
 def work():
     """A world-traversable directory (the builder, `nobody`, must reach state_dir/builds)."""
-    directory = Path(tempfile.mkdtemp(prefix="kflashd-build-"))
-    os.chmod(directory, 0o755)
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
+    yield from public.open_dir("kflashd-build-")
 
 
 def run_build(work: Path, kconfig: Path, name: str = "octopus", progress=None, timeout: float = 60):

@@ -9,10 +9,8 @@ import os
 import pty
 import pwd
 import select
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import tty
@@ -24,6 +22,7 @@ import pytest
 from kflashd import flasher, proc
 from kflashd.errors import DiscoveryError
 from tests.standins.fixtures import FLASHTOOL, KATAPULT_DIR, Standins, pid_alive, standins, wait_until
+from tests.support import public
 
 __all__ = ["standins"]
 
@@ -61,10 +60,7 @@ def image(tmp_path: Path) -> Path:
 @pytest.fixture
 def shared_tmp() -> Iterator[Path]:
     """A temp dir that an unprivileged user can enter (pytest's tmp_path is root-only)."""
-    directory = Path(tempfile.mkdtemp(prefix="kflashd-tree-"))
-    os.chmod(directory, 0o755)
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
+    yield from public.open_dir("kflashd-tree-")
 
 
 def klipper_tree(base: Path, content: bytes, owner: str = "nobody") -> Path:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, List
 
 import pytest
 
 from tests.e2e.harness import REPO, KflashdProcess, wait_until
+from tests.support import public
 from tests.farm.fixtures import write_klipper_unit
 from tests.farm.images import make_dict, make_image
 
@@ -132,7 +130,4 @@ def scene(make_daemon, farm, standins) -> Iterator:
 @pytest.fixture
 def open_workdir() -> Iterator[Path]:
     """A workdir nobody may enter (pytest's tmp_path is root-only) but not write."""
-    directory = Path(tempfile.mkdtemp(prefix="kflashd-hostile-"))
-    os.chmod(directory, 0o755)
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
+    yield from public.open_dir("kflashd-hostile-")

@@ -24,7 +24,7 @@ import stat
 import sys
 import tempfile
 from pathlib import Path
-from typing import List
+from typing import Iterator, List
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -94,6 +94,15 @@ def _remove_orphans() -> None:
             continue  # being made right now, or not a tree this module wrote
         if gone:
             shutil.rmtree(tree, ignore_errors=True)
+
+
+def open_dir(prefix: str) -> Iterator[Path]:
+    """For a fixture: a fresh temp dir every user may enter but not write (pytest's tmp_path
+    is root-only, and the daemon's children run as other users); removed afterwards."""
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(directory, 0o755)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 @functools.lru_cache(maxsize=None)
