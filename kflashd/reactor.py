@@ -24,7 +24,6 @@ from typing import Any, Callable, Deque, Dict, List, Optional
 _log = logging.getLogger("kflashd.reactor")
 
 NEVER = float("inf")
-NOW = 0.0
 
 
 class Timer:
@@ -62,10 +61,6 @@ class Reactor:
 
     def update_timer(self, timer: Timer, waketime: float) -> None:
         timer.waketime = waketime
-
-    def unregister_timer(self, timer: Timer) -> None:
-        if timer in self._timers:
-            self._timers.remove(timer)
 
     # -- file descriptors --------------------------------------------------------------
 
