@@ -1,28 +1,22 @@
-"""The persistent job queue: staged images and job metadata under `state_dir`.
+"""The persistent job queue: the jobs in memory, kept in step with their files on disk.
 
-Layout (everything 0600 in 0700 directories; the daemon is the only writer)::
+Owns which jobs exist and their states: staging a new job (replacing the queued one for the
+same board), updates, final states, requeue, cancel, pruning the history, and every query.
+The files themselves (layout, atomic writes, the checks at load, quarantine) are
+statefiles.py's; this module decides when they are written, in what order:
 
-    state_dir/jobs/<id>.json        one job's metadata (the commit point of a job)
-    state_dir/images/<id>.bin       its staged image, while the job may still be flashed
-    state_dir/quarantine/           job files that failed the checks at load, with their images
-
-Crash safety rests on two rules. Every file is written with `atomic_write` (temp file in
-the same directory, fsync, rename over, fsync the directory), so a reader sees the old
-bytes or the new bytes, never a mix. And a job's image is written before its metadata:
-the metadata file is the commit point, so after SIGKILL at any moment a job either exists
-whole (metadata and a verified image) or not at all (an image with no metadata is an
-unfinished staging and is removed at load). Anything else found at load - unparsable
-JSON, missing fields, an image of the wrong size or sha256 - did not come from this code
-path, so it is moved aside to `quarantine/` and reported instead of being served or
-silently deleted: a person may want to look at it.
-
-This module must never open a path that a client named: job ids are checked against
-`JOB_ID_RE` before any file name is built from them.
+Crash safety: a job's image is written before its metadata, and the metadata file is the
+commit point, so after SIGKILL at any moment a job either exists whole (metadata and a
+verified image) or not at all (an image with no metadata is an unfinished staging and is
+removed at load). A record that cannot be written (full or failing disk) is kept in memory
+and listed by `unsaved` until `retry_writes` gets it onto disk: the daemon's view follows
+what really happened to the board, never the disk.
 
 Thread safety: the daemon calls the store from its loop thread and from one flash worker;
 one lock serialises every method. Job records are copied on the way in and out, so a
 caller mutating its `Job` (the worker appends results) never changes what the store holds
-until it calls `update`/`finish`.
+until it calls `update`/`finish`. It must never build a file name from an unchecked job id
+(statefiles.JobFiles.check_id comes first).
 """
 
 from __future__ import annotations
@@ -30,121 +24,24 @@ from __future__ import annotations
 import copy
 import errno
 import hashlib
-import json
 import os
-import re
 import secrets
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 from .errors import FlashError, QueueError, StateWriteError
-from .models import (
-    JOB_CANCELLED,
-    JOB_FINAL_STATES,
-    JOB_INTERRUPTED,
-    JOB_QUEUED,
-    JOB_RUNNING,
-    Job,
+from .models import JOB_CANCELLED, JOB_FINAL_STATES, JOB_INTERRUPTED, JOB_QUEUED, JOB_RUNNING, Job
+from .statefiles import (
+    FORMAT_VERSION,
+    JOB_ID_RE,
+    JobFiles,
+    LoadProblem,
+    atomic_write,
+    needs_image,
+    os_reason,
+    unlink_quietly,
 )
-
-#: Job ids are `secrets.token_hex(6)`: exactly 12 lower-case hex characters. Nothing else
-#: (no "../x", no "", no upper case) ever becomes part of a file name.
-JOB_ID_RE = re.compile(r"\A[0-9a-f]{12}\Z")
-
-#: Temp files of `atomic_write` look like ".<target name>.tmp-<random>"; the leading dot
-#: keeps them out of the way of "<id>.json" matching, and load() removes leftovers.
-_TMP_MARK = ".tmp-"
-
-#: States whose image must still be on disk: they may yet be flashed.
-_STATES_WITH_IMAGE = (JOB_QUEUED, JOB_RUNNING)
-_ALL_STATES = (JOB_QUEUED, JOB_RUNNING) + tuple(JOB_FINAL_STATES)
-
-#: Metadata fields a job file must carry, with the JSON types they must have.
-_REQUIRED_FIELDS: Dict[str, Tuple[type, ...]] = {
-    "id": (str,),
-    "selector": (str,),
-    "serial": (str,),
-    "image_sha256": (str,),
-    "image_size": (int,),
-    "created": (int, float),
-    "state": (str,),
-}
-_SHA256_RE = re.compile(r"\A[0-9a-f]{64}\Z")
-
-
-def needs_image(job: Job) -> bool:
-    """The job may still be flashed: queued, running, or interrupted mid-write with a resume
-    deadline (recovery.py). Every other job gives up its image."""
-    if job.state in _STATES_WITH_IMAGE:
-        return True
-    return job.state == JOB_INTERRUPTED and job.resume_until is not None
-
-#: Version of the metadata layout, written into every job file for future migrations.
-FORMAT_VERSION = 1
-
-
-def _fsync_dir(path: str) -> None:
-    """Make a rename or unlink in `path` durable (the directory entry is data too)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
-    """Replace `path` with `data` so that a crash leaves either the old or the new file.
-
-    The temp file lives in the same directory (rename is only atomic within one file
-    system) and is created with O_EXCL under a random name, so two writers or a stale
-    leftover can never be confused with it. On any error - ENOSPC above all - the temp
-    file is removed, the old file is untouched, and the OSError is raised.
-    """
-    directory = os.path.dirname(path) or "."
-    tmp = os.path.join(directory, f".{os.path.basename(path)}{_TMP_MARK}{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    renamed = False
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-        renamed = True
-        _fsync_dir(directory)
-    except BaseException:
-        if not renamed:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-        raise
-
-
-def _is_temp(name: str) -> bool:
-    return name.startswith(".") and _TMP_MARK in name
-
-
-def _describe_id(job_id: object) -> str:
-    """An id fit for a message: valid ids as they are, anything else quoted and cut short
-    (a hostile client may send megabytes or control characters)."""
-    if isinstance(job_id, str) and JOB_ID_RE.match(job_id):
-        return job_id
-    text = repr(job_id)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _os_reason(e: OSError) -> str:
-    return e.strerror or str(e)
-
-
-class _Problem(Exception):
-    """Why a job file cannot be served (load-time only)."""
 
 
 class JobStore:
@@ -153,9 +50,7 @@ class JobStore:
     def __init__(self, state_dir: str, history_limit: int = 200) -> None:
         self.state_dir = state_dir
         self.history_limit = history_limit
-        self.jobs_dir = os.path.join(state_dir, "jobs")
-        self.images_dir = os.path.join(state_dir, "images")
-        self.quarantine_dir = os.path.join(state_dir, "quarantine")
+        self.files = JobFiles(state_dir)
         self._lock = threading.RLock()
         self._jobs: Dict[str, Job] = {}
         # Jobs whose record on disk lags behind memory (a write failed), and why: retried
@@ -164,20 +59,9 @@ class JobStore:
 
     # ------------------------------------------------------------------ paths ------
 
-    def _check_id(self, job_id: object) -> str:
-        if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
-            raise QueueError(f"no such job: {_describe_id(job_id)}")
-        return job_id
-
-    def _meta_path(self, job_id: str) -> str:
-        return os.path.join(self.jobs_dir, self._check_id(job_id) + ".json")
-
-    def _image_path(self, job_id: str) -> str:
-        return os.path.join(self.images_dir, self._check_id(job_id) + ".bin")
-
     def image_path(self, job: Job) -> str:
         """Where the staged image of `job` lives (the flash tool is given this path)."""
-        return self._image_path(job.id)
+        return self.files.image_path(job.id)
 
     # ------------------------------------------------------------------ loading ------
 
@@ -188,18 +72,17 @@ class JobStore:
         means (from the job's write-ahead record), after starting Klipper first.
         """
         with self._lock:
-            for directory in (self.state_dir, self.jobs_dir, self.images_dir, self.quarantine_dir):
-                os.makedirs(directory, mode=0o700, exist_ok=True)
+            self.files.make_dirs()
             self._jobs = {}
             problems: List[str] = []
-            self._remove_temp_files()
+            self.files.remove_temp_files()
 
-            for name in sorted(os.listdir(self.jobs_dir)):
-                path = os.path.join(self.jobs_dir, name)
+            for name in sorted(os.listdir(self.files.jobs_dir)):
+                path = os.path.join(self.files.jobs_dir, name)
                 try:
-                    job = self._read_job_file(name, path)
-                except _Problem as why:
-                    problems.append(self._quarantine(name, str(why)))
+                    job = self.files.read_job_file(name, path)
+                except LoadProblem as why:
+                    problems.append(self.files.quarantine(name, str(why)))
                     continue
                 self._jobs[job.id] = job
 
@@ -207,97 +90,6 @@ class JobStore:
             self._remove_orphan_images()
             self._prune_locked()
             return problems
-
-    def _remove_temp_files(self) -> None:
-        """Temp files are writes cut short by a crash: never committed, never served."""
-        for directory in (self.jobs_dir, self.images_dir):
-            for name in os.listdir(directory):
-                if _is_temp(name):
-                    _unlink_quietly(os.path.join(directory, name))
-
-    def _read_job_file(self, name: str, path: str) -> Job:
-        if not name.endswith(".json") or not JOB_ID_RE.match(name[: -len(".json")]):
-            raise _Problem("not a job file name (expected <12 hex digits>.json)")
-        file_id = name[: -len(".json")]
-        try:
-            with open(path, "rb") as f:
-                raw = f.read()
-        except IsADirectoryError:
-            raise _Problem("is a directory")
-        except OSError as e:
-            raise _Problem(f"unreadable ({_os_reason(e)})")
-        if not raw:
-            raise _Problem("empty file")
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise _Problem(f"not valid JSON ({e})")
-        if not isinstance(data, dict):
-            raise _Problem("not a JSON object")
-        missing = [k for k in _REQUIRED_FIELDS if k not in data]
-        if missing:
-            raise _Problem(f"missing field(s) {', '.join(missing)}")
-        for key, types in _REQUIRED_FIELDS.items():
-            value = data[key]
-            if not isinstance(value, types) or isinstance(value, bool):
-                raise _Problem(f"field {key} has the wrong type ({type(value).__name__})")
-        if data["id"] != file_id:
-            raise _Problem(f"its id {_describe_id(data['id'])} does not match the file name")
-        if data["state"] not in _ALL_STATES:
-            raise _Problem(f"unknown state {data['state']!r}")
-        if not _SHA256_RE.match(data["image_sha256"]):
-            raise _Problem("image_sha256 is not a sha256 hex digest")
-        if data["image_size"] < 0:
-            raise _Problem("negative image_size")
-        if not isinstance(data.get("results", []), list):
-            raise _Problem("field results is not a list")
-        try:
-            job = Job.from_dict(data)
-        except (TypeError, ValueError, KeyError, AttributeError) as e:
-            raise _Problem(f"fields do not form a job ({type(e).__name__}: {e})")
-        if needs_image(job):
-            self._verify_image_file(job)
-        return job
-
-    def _verify_image_file(self, job: Job) -> None:
-        path = self._image_path(job.id)
-        try:
-            with open(path, "rb") as f:
-                image = f.read(job.image_size + 1)
-        except FileNotFoundError:
-            raise _Problem(f"its image images/{job.id}.bin is missing")
-        except OSError as e:
-            raise _Problem(f"its image images/{job.id}.bin is unreadable ({_os_reason(e)})")
-        if len(image) != job.image_size:
-            raise _Problem(
-                f"its image images/{job.id}.bin has the wrong size "
-                f"({'more than ' + str(job.image_size) if len(image) > job.image_size else len(image)}"
-                f" bytes, expected {job.image_size})"
-            )
-        if hashlib.sha256(image).hexdigest() != job.image_sha256:
-            raise _Problem(f"its image images/{job.id}.bin does not match its sha256")
-
-    def _quarantine(self, name: str, why: str) -> str:
-        """Move a bad job file (and its image, if any) aside; return the report line."""
-        moved = [self._move_to_quarantine(os.path.join(self.jobs_dir, name), name)]
-        stem = name[: -len(".json")] if name.endswith(".json") else None
-        if stem is not None and JOB_ID_RE.match(stem):
-            image = os.path.join(self.images_dir, stem + ".bin")
-            if os.path.lexists(image):
-                moved.append(self._move_to_quarantine(image, stem + ".bin"))
-        for directory in (self.jobs_dir, self.images_dir, self.quarantine_dir):
-            _fsync_dir(directory)
-        where = ", ".join(m for m in moved if m)
-        return f"quarantined job file jobs/{name}: {why} (moved to {where})"
-
-    def _move_to_quarantine(self, path: str, name: str) -> str:
-        target = os.path.join(self.quarantine_dir, name)
-        n = 1
-        while os.path.lexists(target):
-            target = os.path.join(self.quarantine_dir, f"{name}.{n}")
-            n += 1
-        os.rename(path, target)
-        return os.path.relpath(target, self.state_dir)
 
     def _resolve_duplicates(self) -> List[str]:
         """Two queued jobs for one board: a crash hit `stage` between committing the new
@@ -322,13 +114,13 @@ class JobStore:
     def _remove_orphan_images(self) -> None:
         """Images without a job that needs them: a staging cut short before its commit
         point, or a finished job whose image removal was cut short."""
-        for name in os.listdir(self.images_dir):
+        for name in os.listdir(self.files.images_dir):
             stem = name[: -len(".bin")] if name.endswith(".bin") else ""
             job = self._jobs.get(stem)
             if job is not None and needs_image(job):
                 continue
             try:
-                _unlink_quietly(os.path.join(self.images_dir, name))
+                unlink_quietly(os.path.join(self.files.images_dir, name))
             except OSError:
                 pass  # a directory or similar: not ours to remove, and harmless
 
@@ -339,7 +131,7 @@ class JobStore:
         with self._lock:
             while True:
                 job_id = secrets.token_hex(6)
-                if job_id not in self._jobs and not os.path.lexists(self._meta_path(job_id)):
+                if job_id not in self._jobs and not os.path.lexists(self.files.meta_path(job_id)):
                     return job_id
 
     def stage(self, job: Job, image: bytes) -> Optional[Job]:
@@ -352,7 +144,7 @@ class JobStore:
         stands (see below).
         """
         with self._lock:
-            self._check_id(job.id)
+            self.files.check_id(job.id)
             if job.id in self._jobs:
                 raise QueueError(f"job {job.id} already exists")
             if len(image) != job.image_size:
@@ -373,10 +165,10 @@ class JobStore:
             job.updated = time.time()
             stored = copy.deepcopy(job)
             try:
-                atomic_write(self._image_path(job.id), image)
-                self._write_meta(stored)
+                atomic_write(self.files.image_path(job.id), image)
+                self.files.write_meta(stored)
             except OSError as e:
-                self._discard_files(job.id)
+                self.files.discard_files(job.id)
                 raise QueueError(self._no_space_message(e)) from e
 
             self._jobs[job.id] = stored
@@ -390,44 +182,17 @@ class JobStore:
                 replaced.message = f"replaced by job {job.id}"
                 replaced.updated = time.time()
                 try:
-                    self._write_meta(replaced)
+                    self.files.write_meta(replaced)
                 except OSError:
                     pass  # keep its image: on disk it is still a queued job until load()
                 else:
-                    self._remove_image(old.id)
+                    self.files.remove_image(old.id)
             return copy.deepcopy(replaced) if replaced is not None else None
 
     def _no_space_message(self, e: OSError) -> str:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             return f"cannot stage job: no space left in {self.state_dir}"
-        return f"cannot stage job: {_os_reason(e)} in {self.state_dir}"
-
-    def _discard_files(self, job_id: str) -> None:
-        """Remove what a failed staging may have written (metadata first: the commit point).
-        On a read-only file system nothing was written, and unlink fails too: no matter."""
-        for path in (self._meta_path(job_id), self._image_path(job_id)):
-            try:
-                _unlink_quietly(path)
-            except OSError:
-                pass
-        for directory in (self.jobs_dir, self.images_dir):
-            try:
-                _fsync_dir(directory)
-            except OSError:
-                pass
-
-    def _write_meta(self, job: Job) -> None:
-        data = job.to_dict()
-        data["format"] = FORMAT_VERSION
-        atomic_write(self._meta_path(job.id), json.dumps(data, indent=1, sort_keys=True).encode())
-
-    def _remove_image(self, job_id: str) -> None:
-        """Best effort: an image left behind is an orphan that the next load() removes."""
-        try:
-            if _unlink_quietly(self._image_path(job_id)):
-                _fsync_dir(self.images_dir)
-        except OSError:
-            pass
+        return f"cannot stage job: {os_reason(e)} in {self.state_dir}"
 
     # ------------------------------------------------------------------ changes ------
 
@@ -438,7 +203,7 @@ class JobStore:
         what really happened to the board); the QueueError then says the disk lags behind.
         """
         with self._lock:
-            self._check_id(job.id)
+            self.files.check_id(job.id)
             if job.id not in self._jobs:
                 raise QueueError(f"no such job: {job.id}")
             job.updated = time.time()
@@ -448,11 +213,11 @@ class JobStore:
         stored = copy.deepcopy(job)
         self._jobs[job.id] = stored
         try:
-            self._write_meta(stored)
+            self.files.write_meta(stored)
         except OSError as e:
-            self._unsaved[job.id] = _os_reason(e)
+            self._unsaved[job.id] = os_reason(e)
             raise StateWriteError(
-                f"cannot save job {job.id} in {self.state_dir}: {_os_reason(e)}", _os_reason(e)
+                f"cannot save job {job.id} in {self.state_dir}: {os_reason(e)}", os_reason(e)
             ) from e
         self._unsaved.pop(job.id, None)
 
@@ -471,13 +236,13 @@ class JobStore:
                     self._unsaved.pop(job_id, None)
                     continue
                 try:
-                    self._write_meta(job)
+                    self.files.write_meta(job)
                 except OSError as e:
-                    self._unsaved[job_id] = _os_reason(e)
+                    self._unsaved[job_id] = os_reason(e)
                     continue
                 del self._unsaved[job_id]
                 if not needs_image(job):
-                    self._remove_image(job_id)
+                    self.files.remove_image(job_id)
 
     def finish(self, job: Job, state: str, message: str) -> None:
         """Give `job` its final state and message, persist it, then drop its staged image.
@@ -491,7 +256,7 @@ class JobStore:
         if state not in JOB_FINAL_STATES:
             raise ValueError(f"not a final job state: {state!r}")
         with self._lock:
-            self._check_id(job.id)
+            self.files.check_id(job.id)
             if job.id not in self._jobs:
                 raise QueueError(f"no such job: {job.id}")
             self._finish_locked(job, state, message)
@@ -502,12 +267,12 @@ class JobStore:
         job.updated = time.time()
         self._store_and_write(job)  # image removal only after the final state is on disk
         if not needs_image(job):
-            self._remove_image(job.id)
+            self.files.remove_image(job.id)
 
     def requeue(self, job: Job, message: str) -> None:
         """Put an interrupted (or stale running) job back in the queue; attempts are kept."""
         with self._lock:
-            self._check_id(job.id)
+            self.files.check_id(job.id)
             current = self._jobs.get(job.id)
             if current is None:
                 raise QueueError(f"no such job: {job.id}")
@@ -543,21 +308,15 @@ class JobStore:
         for job in finished[max(self.history_limit, 0):]:
             if needs_image(job):
                 continue  # may still be flashed again (recovery.py ends it first)
-            # Metadata first: without it an image is an orphan that load() removes anyway.
             try:
-                _unlink_quietly(self._meta_path(job.id))
-                _unlink_quietly(self._image_path(job.id))
+                self.files.remove_job_files(job.id)
             except OSError:
                 continue  # a read-only or failing disk: history is kept, tried again later
             del self._jobs[job.id]
             self._unsaved.pop(job.id, None)
             removed = True
         if removed:
-            for directory in (self.jobs_dir, self.images_dir):
-                try:
-                    _fsync_dir(directory)
-                except OSError:
-                    pass
+            self.files.sync_job_dirs()
 
     # ------------------------------------------------------------------ queries ------
 
@@ -566,7 +325,7 @@ class JobStore:
             return copy.deepcopy(self._get_locked(job_id))
 
     def _get_locked(self, job_id: str) -> Job:
-        self._check_id(job_id)
+        self.files.check_id(job_id)
         job = self._jobs.get(job_id)
         if job is None:
             raise QueueError(f"no such job: {job_id}")
@@ -617,13 +376,13 @@ class JobStore:
         """The staged image, checked against the sha256 the client sent: a file damaged on
         disk must never reach a board."""
         with self._lock:
-            path = self._image_path(job.id)
+            path = self.files.image_path(job.id)
             try:
                 with open(path, "rb") as f:
                     image = f.read()
             except OSError as e:
                 raise FlashError(
-                    f"staged image of job {job.id} is unreadable ({_os_reason(e)}); queue it again"
+                    f"staged image of job {job.id} is unreadable ({os_reason(e)}); queue it again"
                 ) from e
         if len(image) != job.image_size or hashlib.sha256(image).hexdigest() != job.image_sha256:
             raise FlashError(
@@ -632,13 +391,4 @@ class JobStore:
         return image
 
 
-def _unlink_quietly(path: str) -> bool:
-    """Remove `path` if it is there; True when something was removed."""
-    try:
-        os.unlink(path)
-        return True
-    except FileNotFoundError:
-        return False
-
-
-__all__ = ["JOB_ID_RE", "FORMAT_VERSION", "JobStore", "atomic_write"]
+__all__ = ["JOB_ID_RE", "FORMAT_VERSION", "JobStore", "atomic_write", "needs_image"]
