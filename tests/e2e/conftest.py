@@ -83,6 +83,23 @@ def make_daemon(tmp_path, farm, standins, notify_socket) -> Iterator:
         print(f"----- kflashd log ({daemon.workdir}) -----\n{daemon.log()}")
 
 
+def start_slow_flash(make_daemon, farm, standins, notify_socket):
+    """A board writing slowly (1000 bytes/s) with a 30 KB image, Klipper stopped, the flash
+    past 0 %: the moment the crash and interruption tests cut in.
+    Returns (daemon, printer, job id, image bytes)."""
+    farm.add_board(serial=SERIAL, mcu=MCU, mode="katapult")
+    farm.set_fault(SERIAL, "slow", bytes_per_second=1000)
+    daemon = make_daemon()
+    printer = Printer(standins, daemon)
+    printer.start()
+    big = make_image(mcu=MCU, version="v-big", size=30000, seed=4)
+    path = daemon.workdir / "big.bin"
+    path.write_bytes(big)
+    job_id = daemon.queue(SERIAL, str(path))
+    notify_socket.wait_for(lambda m: "Flashing" in m and "%" in m and not m.endswith(": 0%"), timeout=20)
+    return daemon, printer, job_id, big
+
+
 def wait_for_board_facts(daemon: KflashdProcess, serial: str = SERIAL) -> dict:
     """Wait until the daemon has read the board's Katapult (state_dir/boards.json); its entry."""
     import json

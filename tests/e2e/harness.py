@@ -180,12 +180,36 @@ class KflashdProcess:
             **as_user,
         )
 
+    def _ctl_env(self) -> Dict[str, str]:
+        return {k: v for k, v in self.env.items() if k not in ("LD_PRELOAD", "UMOCKDEV_DIR", "NOTIFY_SOCKET")}
+
     def ctl_popen(self, *args: str) -> subprocess.Popen:
-        env = {k: v for k, v in self.env.items() if k not in ("LD_PRELOAD", "UMOCKDEV_DIR", "NOTIFY_SOCKET")}
         return subprocess.Popen(
             [PYTHON, "-m", "kflashd.ctl", "--config", str(self.config_path), *args],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(REPO),
+            env=self._ctl_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(REPO),
         )
+
+    def ctl_on_terminal(self, *args: str, cwd: Optional[Path] = None, timeout: float = 30) -> "tuple[int, str]":
+        """kflashctl ARGS with a terminal (a PTY) as stdin/stdout/stderr, as a person runs it:
+        (exit status, everything it drew on the screen)."""
+        import pty
+
+        master, slave = pty.openpty()
+        proc = subprocess.Popen([sys.executable, "-m", "kflashd.ctl", "--config", str(self.config_path), *args],
+                                stdin=slave, stdout=slave, stderr=slave, env=self._ctl_env(),
+                                cwd=str(cwd or self.workdir))
+        os.close(slave)
+        screen = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's last writer is gone
+                break
+            if not chunk:
+                break
+            screen += chunk
+        os.close(master)
+        return proc.wait(timeout), screen.decode(errors="replace")
 
     def queue(self, *args: str) -> str:
         """`kflashctl queue ARGS` that must succeed; returns the new job's id."""

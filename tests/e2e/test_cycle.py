@@ -12,7 +12,7 @@ import signal
 
 import pytest
 
-from tests.e2e.conftest import MCU, SERIAL, Printer, padded, wait_for_board_facts
+from tests.e2e.conftest import MCU, SERIAL, Printer, padded, start_slow_flash, wait_for_board_facts
 from tests.e2e.harness import wait_until
 from tests.farm.images import make_image
 
@@ -200,16 +200,7 @@ def group_alive(pgid: int) -> bool:
 
 
 def test_sigkill_mid_flash_restarts_klipper_then_reflashes(make_daemon, farm, standins, notify_socket):
-    farm.add_board(serial=SERIAL, mcu=MCU, mode="katapult")
-    farm.set_fault(SERIAL, "slow", bytes_per_second=1000)
-    daemon = make_daemon()
-    printer = Printer(standins, daemon)
-    printer.start()
-    big = make_image(mcu=MCU, version="v-big", size=30000, seed=4)
-    path = daemon.workdir / "big.bin"
-    path.write_bytes(big)
-    job_id = daemon.queue(SERIAL, str(path))
-    notify_socket.wait_for(lambda m: "Flashing" in m and "%" in m and not m.endswith(": 0%"), timeout=20)
+    daemon, printer, job_id, big = start_slow_flash(make_daemon, farm, standins, notify_socket)
     assert not printer.running
     tool = [c["pid"] for c in standins.calls("flashtool") if c.get("event") != "child"][-1]
     group = os.getpgid(tool)

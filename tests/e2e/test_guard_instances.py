@@ -16,7 +16,7 @@ from typing import List
 
 import pytest
 
-from tests.e2e.conftest import SERIAL, MCU, Printer
+from tests.e2e.conftest import SERIAL, MCU, Printer, start_slow_flash
 from tests.e2e.harness import REPO, wait_until
 from tests.farm.fixtures import write_printer_state
 
@@ -154,18 +154,7 @@ def test_interrupted_write_held_by_the_guard_is_still_repeated(make_daemon, farm
     # SIGKILL mid-write; the restarted daemon starts Klipper, which now says "printing"
     # (or has no socket yet): the guard holds the repeat, and the write's record (which
     # board, which port) must survive the hold, or the job could never be repeated.
-    from tests.farm.images import make_image
-
-    farm.add_board(serial=SERIAL, mcu=MCU, mode="katapult")
-    farm.set_fault(SERIAL, "slow", bytes_per_second=1000)
-    daemon = make_daemon()
-    printer = Printer(standins, daemon)
-    printer.start()
-    big = make_image(mcu=MCU, version="v-big", size=30000, seed=4)
-    path = daemon.workdir / "big.bin"
-    path.write_bytes(big)
-    job_id = daemon.queue(SERIAL, str(path))
-    notify_socket.wait_for(lambda m: "Flashing" in m and "%" in m and not m.endswith(": 0%"), timeout=20)
+    daemon, printer, job_id, big = start_slow_flash(make_daemon, farm, standins, notify_socket)
     daemon.kill()
     farm.set_fault(SERIAL, None)
     daemon.set_printer(print_stats="printing", idle_timeout="Printing")

@@ -77,34 +77,12 @@ def test_notify_ready_status_watchdog_reload_stopping(make_daemon, farm, standin
 
 def test_queue_wait_draws_a_progress_bar_on_a_terminal(make_daemon, farm, standins, image):
     """On a terminal `queue --wait` redraws one bar line with the Katapult percentage."""
-    import os
-    import pty
-    import subprocess
-    import sys
-
     farm.add_board(serial=SERIAL, mcu=MCU, mode="katapult")
     farm.set_fault(SERIAL, "slow", bytes_per_second=8000)
     daemon = make_daemon()
     Printer(standins, daemon).start()
-    master, slave = pty.openpty()
-    env = {k: v for k, v in daemon.env.items() if k not in ("LD_PRELOAD", "UMOCKDEV_DIR", "NOTIFY_SOCKET")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kflashd.ctl", "--config", str(daemon.config_path), "queue", SERIAL, str(image), "--wait"],
-        stdin=slave, stdout=slave, stderr=slave, env=env, cwd=str(daemon.workdir),
-    )
-    os.close(slave)
-    screen = b""
-    while True:
-        try:
-            chunk = os.read(master, 4096)
-        except OSError:  # EIO: the terminal's last writer is gone
-            break
-        if not chunk:
-            break
-        screen += chunk
-    os.close(master)
-    assert proc.wait(30) == 0, screen.decode(errors="replace")
-    text = screen.decode(errors="replace")
+    returncode, text = daemon.ctl_on_terminal("queue", SERIAL, str(image), "--wait")
+    assert returncode == 0, text
     bars = re.findall(r"\rflashing\s+\[(#*)\s*\]\s+(\d+)%", text)
     assert len(bars) >= 3, text
     assert [int(p) for _, p in bars] == sorted(int(p) for _, p in bars)

@@ -299,31 +299,11 @@ def test_sigkill_mid_update_klipper_started_by_the_next_kflashd(rig_factory, far
 
 def test_update_wait_is_one_live_table_on_a_terminal(rig_factory, farm, standins):
     """On a terminal `update --wait` redraws one table (board, state, phase, percent) in place."""
-    import pty
-    import subprocess
-    import sys
-
     boards = {name: BOARDS[name] for name in ("octopus", "spider")}
     rig = rig_factory(boards=boards)
     farm.set_fault(BOARDS["octopus"][0], "slow", bytes_per_second=8000)
-    master, slave = pty.openpty()
-    env = {k: v for k, v in rig.daemon.env.items() if k not in ("LD_PRELOAD", "UMOCKDEV_DIR", "NOTIFY_SOCKET")}
-    proc = subprocess.Popen([sys.executable, "-m", "kflashd.ctl", "--config", str(rig.daemon.config_path),
-                             "update", "--all", "--wait"],
-                            stdin=slave, stdout=slave, stderr=slave, env=env, cwd=str(rig.work))
-    os.close(slave)
-    screen = b""
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:  # EIO: the terminal's last writer is gone
-            break
-        if not chunk:
-            break
-        screen += chunk
-    os.close(master)
-    text = screen.decode(errors="replace")
-    assert proc.wait(30) == 0, text
+    returncode, text = rig.daemon.ctl_on_terminal("update", "--all", "--wait", cwd=rig.work)
+    assert returncode == 0, text
     redraws = text.count("\x1b[4F")  # the header, two boards and Klipper's line, redrawn
     assert redraws >= 5, text
     rows = re.findall(r"octopus\s+flashing\s+(?:flashing|verifying) (\d+)%", text)
